@@ -1,0 +1,196 @@
+import logging
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import transaction
+from django.shortcuts import redirect, render
+from django.utils.decorators import method_decorator
+from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
+from rest_framework import exceptions, serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from gateco.errors import ApiError
+from keyvault.forms import MASKED_KEY, LlmApiKeyForm, validate_llm_api_key
+from keyvault.vault import (
+    SecretUnavailable,
+    clear_llm_api_key,
+    llm_api_key_status,
+    set_llm_api_key,
+)
+
+from .access import membership_for_user, organization_for_request
+from .authentication import ApiKeyUser
+
+logger = logging.getLogger(__name__)
+
+
+class KeyServiceFailed(ApiError):
+    status_code = 503
+    code = "KEY_UNAVAILABLE"
+    default_message = "The key service failed, so the key was not saved. Retry later."
+
+
+@sensitive_variables("value")
+def replace_llm_api_key(organization, value):
+    """Store a new key and reset the own-key use count, in one transaction."""
+    with transaction.atomic():
+        set_llm_api_key(organization, value)
+        organization.llm_key_uses = 0
+        organization.save(update_fields=["llm_key_uses"])
+
+
+def remove_llm_api_key(organization):
+    with transaction.atomic():
+        return clear_llm_api_key(organization)
+
+
+class OrganizationSettingsSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=200, required=False)
+    llm_api_key = serializers.CharField(
+        required=False, write_only=True, trim_whitespace=True, max_length=400
+    )
+    clear_llm_api_key = serializers.BooleanField(required=False, default=False)
+    llm_key_query_cap = serializers.IntegerField(
+        required=False, allow_null=True, min_value=-1
+    )
+
+    def validate_llm_api_key(self, value):
+        if MASKED_KEY.fullmatch(value):
+            return ""
+        try:
+            validate_llm_api_key(value)
+        except DjangoValidationError as error:
+            raise serializers.ValidationError(error.messages[0]) from None
+        return value
+
+    def validate(self, attrs):
+        if attrs.get("llm_api_key") and attrs.get("clear_llm_api_key"):
+            raise serializers.ValidationError(
+                "Send either llm_api_key or clear_llm_api_key, not both."
+            )
+        return attrs
+
+
+def settings_body(organization):
+    configured, last_four = llm_api_key_status(organization)
+    return {
+        "id": str(organization.id),
+        "name": organization.name,
+        "slug": organization.slug,
+        "plan": organization.tier,
+        "llm_provider": "openai",
+        "llm_api_key_configured": configured,
+        "llm_api_key_last_four": last_four or None,
+        "llm_fallback_credits_used": organization.fallback_calls_used,
+        "llm_fallback_credits_limit": organization.fallback_call_limit,
+        "llm_key_uses": organization.llm_key_uses,
+        "llm_key_query_cap": organization.llm_key_query_cap,
+    }
+
+
+@method_decorator(sensitive_post_parameters("llm_api_key"), name="dispatch")
+class OrganizationSettingsView(APIView):
+    """Organization settings: read them, or change the name and the LLM key.
+
+    The key is write-only: responses say whether one is set and give its last
+    four characters, never more.
+    """
+
+    serializer_class = OrganizationSettingsSerializer
+
+    def get(self, request):
+        return Response(settings_body(organization_for_request(request)))
+
+    def patch(self, request):
+        organization = organization_for_request(request)
+        require_manager(request)
+        serializer = OrganizationSettingsSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+
+        try:
+            if data.get("llm_api_key"):
+                replace_llm_api_key(organization, data["llm_api_key"])
+            elif data.get("clear_llm_api_key"):
+                remove_llm_api_key(organization)
+        except SecretUnavailable as error:
+            logger.error("%s", error)
+            raise KeyServiceFailed() from None
+
+        changed = []
+        if "name" in data:
+            organization.name = data["name"]
+            changed.append("name")
+        if "llm_key_query_cap" in data:
+            cap = data["llm_key_query_cap"]
+            organization.llm_key_query_cap = None if cap in (None, -1) else cap
+            changed.append("llm_key_query_cap")
+        if changed:
+            organization.save(update_fields=changed)
+        organization.refresh_from_db()
+        return Response(settings_body(organization))
+
+
+def require_manager(request):
+    """Allow API keys and signed-in owners or admins; members get 403."""
+    if isinstance(request.user, ApiKeyUser):
+        return
+    membership = membership_for_user(request.user)
+    if membership is None or not membership.can_manage:
+        raise exceptions.PermissionDenied("Only organization owners and admins can do this.")
+
+
+@login_required
+@sensitive_post_parameters("llm_api_key")
+def api_keys_page(request):
+    """Organization Settings → API Keys → LLM API Key."""
+    membership = membership_for_user(request.user)
+    if membership is None:
+        raise PermissionDenied("You are not a member of any organization.")
+    organization = membership.organization
+
+    form = LlmApiKeyForm()
+    if request.method == "POST":
+        if not membership.can_manage:
+            raise PermissionDenied("Only organization owners and admins can change keys.")
+        form = LlmApiKeyForm(request.POST)
+        if form.is_valid():
+            handle_key_form(request, organization, form.cleaned_data["llm_api_key"])
+            return redirect("orgs:api-keys")
+
+    configured, last_four = llm_api_key_status(organization)
+    return render(
+        request,
+        "orgs/api_keys.html",
+        {
+            "organization": organization,
+            "membership": membership,
+            "form": form,
+            "key_configured": configured,
+            "key_last_four": last_four,
+        },
+    )
+
+
+@sensitive_variables("new_key")
+def handle_key_form(request, organization, new_key):
+    try:
+        if request.POST.get("action") == "remove":
+            removed = remove_llm_api_key(organization)
+            if removed:
+                messages.success(request, "The LLM API key was removed.")
+            else:
+                messages.info(request, "No LLM API key was set.")
+        elif new_key:
+            replace_llm_api_key(organization, new_key)
+            messages.success(
+                request, f"The LLM API key ending in {new_key[-4:]} was saved."
+            )
+        else:
+            messages.info(request, "No new key was entered; the stored key is unchanged.")
+    except SecretUnavailable as error:
+        logger.error("%s", error)
+        messages.error(request, "The key service failed, so nothing was changed. Retry later.")

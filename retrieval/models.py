@@ -1,0 +1,197 @@
+import uuid
+
+from django.db import models
+from django.utils import timezone
+
+from orgs.models import Organization
+
+
+class Classification(models.TextChoices):
+    PUBLIC = "public", "Public"
+    INTERNAL = "internal", "Internal"
+    CONFIDENTIAL = "confidential", "Confidential"
+    RESTRICTED = "restricted", "Restricted"
+
+
+class PrincipalStatus(models.TextChoices):
+    ACTIVE = "active", "Active"
+    INACTIVE = "inactive", "Inactive"
+    SUSPENDED = "suspended", "Suspended"
+
+
+class Principal(models.Model):
+    """An end user or agent on whose behalf the AI application asks."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="principals"
+    )
+    external_id = models.CharField(max_length=200)
+    display_name = models.CharField(max_length=200, blank=True)
+    email = models.EmailField(blank=True)
+    roles = models.JSONField(default=list, blank=True)
+    groups = models.JSONField(default=list, blank=True)
+    attributes = models.JSONField(default=dict, blank=True)
+    status = models.CharField(
+        max_length=20, choices=PrincipalStatus.choices, default=PrincipalStatus.ACTIVE
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "external_id"],
+                name="unique_principal_external_id",
+            )
+        ]
+
+    def __str__(self):
+        return self.display_name or self.external_id
+
+
+class Connector(models.Model):
+    """A document source. Only the built-in connector, which keeps resources
+    and chunks in Gateco's own database, exists so far."""
+
+    class Kind(models.TextChoices):
+        BUILTIN = "builtin", "Built-in"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="connectors"
+    )
+    name = models.CharField(max_length=200)
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.BUILTIN)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "name"], name="unique_connector_name"
+            )
+        ]
+
+    def __str__(self):
+        return self.name
+
+
+class Resource(models.Model):
+    """A document, with the security metadata that policies decide on."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    connector = models.ForeignKey(
+        Connector, on_delete=models.CASCADE, related_name="resources"
+    )
+    external_id = models.CharField(max_length=500)
+    title = models.CharField(max_length=500, blank=True)
+    classification = models.CharField(
+        max_length=20, choices=Classification.choices, default=Classification.INTERNAL
+    )
+    labels = models.JSONField(default=list, blank=True)
+    owner = models.ForeignKey(
+        Principal,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="owned_resources",
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["connector", "external_id"],
+                name="unique_resource_external_id",
+            )
+        ]
+
+    def __str__(self):
+        return self.title or self.external_id
+
+
+class Chunk(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    resource = models.ForeignKey(
+        Resource, on_delete=models.CASCADE, related_name="chunks"
+    )
+    position = models.PositiveIntegerField()
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["resource_id", "position"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["resource", "position"], name="unique_chunk_position"
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.resource_id}#{self.position}"
+
+
+class PolicyStatus(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    ACTIVE = "active", "Active"
+    ARCHIVED = "archived", "Archived"
+
+
+class Effect(models.TextChoices):
+    ALLOW = "allow", "Allow"
+    DENY = "deny", "Deny"
+
+
+class Policy(models.Model):
+    """Allows or denies access to resources whose metadata meets its rules.
+
+    `rules` is a list of `{"conditions": [{"field", "operator", "value"}]}`; a
+    rule matches when all of its conditions hold, and the policy matches when
+    any rule does. Only active policies are enforced.
+    """
+
+    class Type(models.TextChoices):
+        RBAC = "rbac", "Role-based"
+        ABAC = "abac", "Attribute-based"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="policies"
+    )
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    type = models.CharField(max_length=10, choices=Type.choices, default=Type.ABAC)
+    status = models.CharField(
+        max_length=20, choices=PolicyStatus.choices, default=PolicyStatus.DRAFT
+    )
+    effect = models.CharField(max_length=10, choices=Effect.choices)
+    rules = models.JSONField(default=list)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        verbose_name_plural = "policies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "name"], name="unique_policy_name"
+            )
+        ]
+
+    def __str__(self):
+        return self.name
+
+
+class Retrieval(models.Model):
+    """One policy-filtered retrieval, kept so answers can cite it by id."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="retrievals"
+    )
+    principal = models.ForeignKey(Principal, null=True, on_delete=models.SET_NULL)
+    connector = models.ForeignKey(Connector, null=True, on_delete=models.SET_NULL)
+    query = models.TextField()
+    search_mode = models.CharField(max_length=20)
+    candidates = models.PositiveIntegerField(default=0)
+    allowed_chunks = models.PositiveIntegerField(default=0)
+    denied_chunks = models.PositiveIntegerField(default=0)
+    decision = models.CharField(max_length=20)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
