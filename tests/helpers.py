@@ -47,3 +47,18 @@ def require_service(name, url):
     if os.environ.get("GATECO_REQUIRE_SERVICES") == "1":
         pytest.fail(message + " and GATECO_REQUIRE_SERVICES=1 requires it.")
     pytest.skip(message + "; set GATECO_REQUIRE_SERVICES=1 to fail instead.")
+
+
+def require_postgresql():
+    """Skip unless the tests run on PostgreSQL, or fail in CI."""
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        return
+    message = (
+        f"the tests run on {connection.vendor}; set DATABASE_URL to a PostgreSQL "
+        "database to run this test"
+    )
+    if os.environ.get("GATECO_REQUIRE_SERVICES") == "1":
+        pytest.fail(message + " (GATECO_REQUIRE_SERVICES=1 requires it).")
+    pytest.skip(message + ".")
