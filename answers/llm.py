@@ -59,6 +59,16 @@ class LlmFallbackQuotaExhausted(LlmError):
     )
 
 
+class LlmKeyQuotaExhausted(LlmError):
+    status_code = 422
+    code = "LLM_KEY_QUOTA_EXHAUSTED"
+    default_message = (
+        "OpenAI reports that your organization's API key has no quota left. Check "
+        "the billing of that OpenAI account, or replace the key under Organization "
+        "Settings → API Keys → LLM API Key."
+    )
+
+
 class LlmRateLimited(LlmError):
     status_code = 429
     code = "LLM_RATE_LIMITED"
@@ -121,7 +131,11 @@ def complete(api_key, messages, key_source):
     finally:
         client.close()
 
-    content = response.choices[0].message.content or ""
+    try:
+        content = response.choices[0].message.content or ""
+    except (IndexError, AttributeError, TypeError):
+        logger.warning("Chat completion returned no choices (key source %s)", key_source)
+        raise LlmUpstreamError("OpenAI returned an empty answer; no credit was used.") from None
     answer, numbers = parse_content(content)
     usage = response.usage
     return Completion(
@@ -180,8 +194,10 @@ def _map_error(error, key_source):
             return LlmKeyInvalid()
         return LlmFallbackUnavailable()
     if isinstance(error, openai.RateLimitError):
-        if key_source == "fallback" and error.code == "insufficient_quota":
-            return LlmFallbackQuotaExhausted()
+        if error.code == "insufficient_quota":
+            if key_source == "fallback":
+                return LlmFallbackQuotaExhausted()
+            return LlmKeyQuotaExhausted()
         retry_after = error.response.headers.get("retry-after", "10")
         return LlmRateLimited(headers={"Retry-After": retry_after})
     return LlmUpstreamError()

@@ -2,9 +2,9 @@
 
 The server implements the part of the OpenAI REST protocol that Gateco calls through
 the official ``openai`` client: ``GET /v1/models``, ``POST /v1/chat/completions`` and
-``POST /v1/embeddings``. Its answers are deterministic. A chat completion copies the
-sentences of Gateco's context chunks that share the most words with the question, and
-an embedding hashes the words of the input into signed buckets.
+``POST /v1/embeddings``. Chat content and embeddings are deterministic. A chat
+completion copies the sentences of Gateco's context chunks that share the most words
+with the question, and an embedding hashes the words of the input into signed buckets.
 
 The ``/_control/`` endpoints have no authentication, so bind the server to a loopback
 address only. They inject failures (401, 429, 500, slow responses), reject API keys by
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 MODEL_IDS = ("gpt-4o-mini", "gpt-4o", "text-embedding-3-small")
 EMBEDDING_DIMENSIONS = 256
 MAX_BODY_BYTES = 10 * 1024 * 1024
-FAILURE_MODES = ("401", "429", "500", "slow")
+FAILURE_MODES = ("401", "429", "quota", "500", "slow")
 RETRY_AFTER_SECONDS = 7
 MAX_ANSWER_SENTENCES = 3
 ABSTENTION = "The provided context does not contain the answer."
@@ -145,7 +145,8 @@ def answer_prompt(text: str) -> dict:
 
     The answer contains up to 3 sentences that contain a question term, highest score
     first, ties by chunk order and then sentence order. Each sentence is followed by
-    its chunk's marker, such as " [2]". Without such a sentence the answer abstains.
+    its chunk's marker, such as " [2]". Without such a sentence, "answer" is
+    ABSTENTION and "citations" is empty.
     """
     parsed = parse_prompt(text)
     if parsed is None:
@@ -235,7 +236,7 @@ def create_chat_completion(body: dict) -> dict:
     expected = "a non-empty list of objects with a 'role'"
     messages = require(body, "messages", is_message_list, expected)
     require(body, "stream", lambda value: not value, "false (streaming is unsupported)")
-    # The content is the JSON object whatever response_format says, as Gateco expects.
+    # The content is JSON for any response_format, because Gateco parses it as JSON.
     user_messages = [message for message in messages if message["role"] == "user"]
     prompt = message_text(user_messages[-1]) if user_messages else ""
     content = json.dumps(answer_prompt(prompt))
@@ -269,7 +270,8 @@ def create_embeddings(body: dict) -> dict:
     for index, text in enumerate(texts):
         vector = embed_text(text)
         if encoding == "base64":
-            # The OpenAI API encodes base64 embeddings as little-endian float32.
+            # openai 3.60.0 decodes base64 as float32 in native byte order (array "f"),
+            # which is little-endian on x86 and ARM hosts.
             packed = struct.pack(f"<{len(vector)}f", *vector)
             vector = base64.b64encode(packed).decode("ascii")
         data.append({"object": "embedding", "index": index, "embedding": vector})
@@ -294,7 +296,9 @@ INJECTED = "(failure injected by the local OpenAI server)"
 
 def check_method(expected: str | None, method: str, path: str) -> None:
     if expected is None:
-        raise ApiError(404, f"Unknown URL: {method} {path}.", code="unknown_url")
+        known_paths = ", ".join([*API_ROUTES, *CONTROL_ROUTES])
+        message = f"Invalid URL ({method} {path}). Known paths: {known_paths}."
+        raise ApiError(404, message, code="unknown_url")
     if method != expected:
         message = f"Method {method} is not allowed on {path}. Use {expected}."
         raise ApiError(405, message, code="method_not_allowed")
@@ -308,6 +312,10 @@ def injected_failure(mode: str) -> ApiError:
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
         code = "rate_limit_exceeded"
         return ApiError(429, message, "requests", code=code, headers=headers)
+    if mode == "quota":
+        # OpenAI answers 429 with this code when the account has no credit left.
+        message = f"You exceeded your current quota {INJECTED}."
+        return ApiError(429, message, "insufficient_quota", code="insufficient_quota")
     message = f"The server had an error while processing your request {INJECTED}."
     return ApiError(500, message, "server_error")
 
@@ -349,7 +357,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             check_method(CONTROL_ROUTES.get(path), self.command, path)
             return owner._handle_control(path, self.read_json_or_none())
         if not path.startswith("/v1/"):
-            raise ApiError(404, f"Unknown URL: {path}. The API is under /v1/.")
+            check_method(None, self.command, path)
         key = self.bearer_key()
         if key is None:
             raise invalid_key_error(
@@ -426,7 +434,7 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
 
 class OwnedHTTPServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer whose handlers reach the LocalOpenAIServer as owner."""
+    """ThreadingHTTPServer that gives its handlers the LocalOpenAIServer as owner."""
 
     def __init__(self, address: tuple[str, int], owner: LocalOpenAIServer):
         self.owner = owner
@@ -455,7 +463,11 @@ class LocalOpenAIServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         if not is_loopback(host):
-            logger.warning("Host %s exposes the unauthenticated /_control/ API.", host)
+            logger.warning(
+                "Listening on %s lets other hosts reach /_control/, which has no "
+                "authentication. Use 127.0.0.1 unless that is intended.",
+                host,
+            )
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -486,7 +498,7 @@ class LocalOpenAIServer:
     def stop(self) -> None:
         """Stop serving and close the socket. Calling it again does nothing.
 
-        Requests waiting in a failure delay stop waiting and answer at once.
+        Requests waiting in a failure delay stop waiting and respond at once.
         """
         if self._stopping.is_set():
             return
@@ -506,7 +518,8 @@ class LocalOpenAIServer:
     def set_failure(self, mode, times=None, delay_seconds=0.0) -> None:
         """Make the next `times` /v1 requests fail in `mode`, or all until reset().
 
-        Modes: "401", "429" (with Retry-After: 7), "500", and "slow", which answers
+        Modes: "401", "429" (with Retry-After: 7), "quota" (429 insufficient_quota),
+        "500", and "slow", which responds
         normally. Every mode first waits `delay_seconds`. Requests that fail before
         this step do not count: a missing or rejected key, an unknown URL or method, or
         a body that is not a JSON object. Raises ApiError, a ValueError, for an invalid
@@ -576,9 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m answers.local_openai",
         description="Serve a deterministic local stand-in for the OpenAI HTTP API.",
     )
-    host_help = "address to bind (default: 127.0.0.1); /_control/ has no authentication"
+    host_help = (
+        "IP address to listen on (default: 127.0.0.1). Keep it a loopback address, "
+        "because the /_control/ endpoints have no authentication."
+    )
     parser.add_argument("--host", default="127.0.0.1", help=host_help)
-    port_help = "TCP port to listen on; 0 picks a free port (default: 8765)"
+    port_help = "TCP port to listen on, or 0 for a free port (default: 8765)"
     parser.add_argument("--port", type=int, default=8765, help=port_help)
     args = parser.parse_args(argv)
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -586,7 +602,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = LocalOpenAIServer(args.host, args.port)
     except OSError as error:
-        logger.error("Cannot listen on %s:%d: %s", args.host, args.port, error)
+        logger.error(
+            "Cannot listen on %s:%d: %s. Choose another --host or --port.",
+            args.host,
+            args.port,
+            error,
+        )
         return 1
     stop_requested = threading.Event()
 

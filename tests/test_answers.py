@@ -322,3 +322,24 @@ def test_wrong_api_key_is_401(client, demo, api_key):
     )
 
     assert response.status_code == 401
+
+
+def test_shared_key_quota_has_own_code(api_client, demo, openai_server):
+    openai_server.set_failure("quota")
+
+    response = ask(api_client, demo, demo.alice)
+
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "LLM_FALLBACK_QUOTA_EXHAUSTED"
+    demo.organization.refresh_from_db()
+    assert demo.organization.fallback_calls_used == 0
+
+
+def test_own_key_quota_has_own_code(api_client, demo, openai_server):
+    set_llm_api_key(demo.organization, ORG_KEY)
+    openai_server.set_failure("quota")
+
+    response = ask(api_client, demo, demo.alice)
+
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "LLM_KEY_QUOTA_EXHAUSTED"

@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -19,7 +20,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from answers.local_openai import ABSTENTION, LocalOpenAIServer, answer_prompt, embed_text
+from answers.local_openai import (
+    ABSTENTION,
+    LocalOpenAIServer,
+    answer_prompt,
+    embed_text,
+)
 
 PLANTED_KEY = "sk-local-test-PLANTED-SECRET-9f3c"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +127,7 @@ def test_answer_abstains_without_chunks(client):
 
 
 def test_answer_abstains_without_question_layout(client):
-    result = ask(client, "Tell me about refunds.\n<chunk index=\"1\">Refunds</chunk>")
+    result = ask(client, 'Tell me about refunds.\n<chunk index="1">Refunds</chunk>')
 
     assert result == {"answer": ABSTENTION, "citations": []}
 
@@ -264,6 +270,25 @@ def test_slow_mode_answers_after_delay(server, client):
 
     assert time.monotonic() - started >= 0.2
     assert "gpt-4o" in model_ids
+
+
+def test_stop_ends_failure_delay_early():
+    server = LocalOpenAIServer()
+    server.start()
+    server.set_failure("slow", delay_seconds=5.0)
+    client = openai.OpenAI(
+        api_key=PLANTED_KEY, base_url=server.base_url, max_retries=0, timeout=10.0
+    )
+    results = []
+    waiting = threading.Thread(target=lambda: results.append(client.models.list()))
+    waiting.start()
+    time.sleep(0.2)
+
+    server.stop()
+    waiting.join(timeout=3.0)
+
+    assert not waiting.is_alive()
+    assert len(results[0].data) == 3
 
 
 def test_failure_with_times_one_recovers(server, client):
