@@ -28,6 +28,8 @@ class AnswerAudit(models.Model):
     # Empty when no synthesis was attempted (no_access, nothing retrieved, or
     # no key could be used).
     key_source = models.CharField(max_length=20, choices=KeySource.choices, blank=True)
+    # Which stored version of the organization's key paid; never the key.
+    key_version = models.PositiveIntegerField(null=True, blank=True)
     model = models.CharField(max_length=100, blank=True)
     outcome = models.CharField(max_length=40)
     error_code = models.CharField(max_length=60, blank=True)
@@ -41,3 +43,31 @@ class AnswerAudit(models.Model):
 
     def __str__(self):
         return f"{self.outcome} for {self.organization_id} at {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class IdempotentRequest(models.Model):
+    """The first result of an answer request sent with an Idempotency-Key.
+
+    A retry with the same key from the same organization gets this stored
+    response: no second upstream request and no second charge.
+    """
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="idempotent_requests"
+    )
+    key = models.CharField(max_length=255)
+    # SHA-256 of the canonical request body, so a reused key with a different
+    # request is rejected instead of answered with someone else's result.
+    fingerprint = models.CharField(max_length=64)
+    status_code = models.PositiveSmallIntegerField(null=True)
+    response_body = models.JSONField(null=True)
+    response_headers = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    completed_at = models.DateTimeField(null=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "key"], name="one_request_per_idempotency_key"
+            )
+        ]

@@ -14,11 +14,12 @@
 
 import logging
 import time
+from dataclasses import dataclass
 
 from django.conf import settings
 
 from gateco.errors import ApiError
-from keyvault.vault import SecretUnavailable, SecretValue, get_llm_api_key
+from keyvault.vault import SecretUnavailable, SecretValue, get_llm_api_key_with_version
 from retrieval.search import execute_retrieval
 
 from . import llm
@@ -118,54 +119,74 @@ def execute_answer(request):
         return _finish(request, body, audit)
 
     try:
-        api_key, key_source = _choose_key(request.organization)
+        choice = _choose_key(request.organization)
     except ApiError as error:
         _finish(request, body, audit, error=error)
         error.extra.update(body, results=[chunk_result(c) for c in retrieval.allowed])
         raise
 
     chunks = [scored.chunk for scored in retrieval.allowed]
-    audit.key_source = body["key_source"] = key_source
+    audit.key_source = body["key_source"] = choice.source
+    audit.key_version = choice.version
     audit.model = body["model"] = settings.GATECO_ANSWER_MODEL
     synthesis_started = time.perf_counter()
     try:
-        completion = llm.complete(api_key, llm.build_messages(request.query, chunks), key_source)
+        completion = llm.complete(
+            choice.api_key, llm.build_messages(request.query, chunks), choice.source
+        )
     except llm.LlmError as error:
-        if key_source == KeySource.FALLBACK:
-            request.organization.release_fallback_call()
         _finish(request, body, audit, error=error)
+        if choice.reservation is not None:
+            request.organization.release_fallback_call(choice.reservation, audit)
+            body["fallback_calls_remaining"] = (
+                request.organization.fallback_calls_remaining
+            )
         error.extra.update(body, results=[chunk_result(c) for c in retrieval.allowed])
         raise
     body["synthesis_latency_ms"] = _ms_since(synthesis_started)
-    if key_source == KeySource.ORGANIZATION:
+    if choice.source == KeySource.ORGANIZATION:
         body["cap_reached"] = request.organization.count_own_key_use()
     audit.prompt_tokens = completion.prompt_tokens
     audit.completion_tokens = completion.completion_tokens
 
     _apply_completion(body, completion, retrieval.allowed)
-    return _finish(request, body, audit)
+    _finish(request, body, audit)
+    if choice.reservation is not None:
+        request.organization.commit_fallback_call(choice.reservation, audit)
+    return body
+
+
+@dataclass
+class KeyChoice:
+    api_key: SecretValue
+    source: str
+    version: int | None = None
+    reservation: object = None
 
 
 def _choose_key(organization):
-    """Return `(SecretValue, key_source)` or raise why no key can be used."""
+    """Return the KeyChoice for one synthesis, or raise why no key can be used."""
     try:
-        own_key = get_llm_api_key(organization)
+        own_key, version = get_llm_api_key_with_version(organization)
     except SecretUnavailable as error:
         # Never fall back to the shared key here: the organization chose to
         # pay with its own key, and a decrypt failure must not bill us instead.
         logger.error("%s", error)
         raise KeyUnavailable() from None
     if own_key is not None:
-        return own_key, KeySource.ORGANIZATION
+        return KeyChoice(own_key, KeySource.ORGANIZATION, version=version)
 
     if not organization.is_paid:
         raise LlmKeyNotConfigured()
     if not settings.OPENAI_API_KEY:
         logger.error("OPENAI_API_KEY is not set, so no fallback call can be made")
         raise llm.LlmFallbackUnavailable()
-    if not organization.reserve_fallback_call():
+    reservation = organization.reserve_fallback_call()
+    if reservation is None:
         raise LlmCreditExhausted(organization.fallback_call_limit)
-    return SecretValue(settings.OPENAI_API_KEY), KeySource.FALLBACK
+    return KeyChoice(
+        SecretValue(settings.OPENAI_API_KEY), KeySource.FALLBACK, reservation=reservation
+    )
 
 
 def _apply_completion(body, completion, allowed):

@@ -42,6 +42,8 @@ class Secret(models.Model):
     reference = models.CharField(max_length=100)
     ciphertext = models.BinaryField()
     last_four = models.CharField(max_length=4, blank=True)
+    # Counts replacements, so audit rows can name which key paid without it.
+    version = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:

@@ -174,15 +174,26 @@ def store_secret(organization, purpose, reference, value):
     sealed = AESGCM(key).encrypt(
         nonce, value.encode(), associated_data(organization.pk, purpose, reference)
     )
-    Secret.objects.update_or_create(
-        organization=organization,
-        purpose=purpose,
-        reference=reference,
-        defaults={
-            "ciphertext": bytes([SEAL_VERSION]) + nonce + sealed,
-            "last_four": value[-4:],
-        },
-    )
+    ciphertext = bytes([SEAL_VERSION]) + nonce + sealed
+    with transaction.atomic():
+        secret = (
+            Secret.objects.select_for_update()
+            .filter(organization=organization, purpose=purpose, reference=reference)
+            .first()
+        )
+        if secret is None:
+            Secret.objects.create(
+                organization=organization,
+                purpose=purpose,
+                reference=reference,
+                ciphertext=ciphertext,
+                last_four=value[-4:],
+            )
+        else:
+            secret.ciphertext = ciphertext
+            secret.last_four = value[-4:]
+            secret.version += 1
+            secret.save(update_fields=["ciphertext", "last_four", "version"])
     logger.info("Stored the %s secret of organization %s", purpose, organization.pk)
 
 
@@ -191,12 +202,17 @@ def open_secret(organization, purpose, reference):
 
     Raises SecretUnavailable when a secret exists but cannot be opened.
     """
+    return open_secret_with_version(organization, purpose, reference)[0]
+
+
+def open_secret_with_version(organization, purpose, reference):
+    """Return `(SecretValue, version)`, or `(None, None)` if none is stored."""
     secret = Secret.objects.filter(
         organization=organization, purpose=purpose, reference=reference
     ).first()
     if secret is None:
-        return None
-    return SecretValue(_open(secret))
+        return None, None
+    return SecretValue(_open(secret)), secret.version
 
 
 def _open(secret):
@@ -260,6 +276,12 @@ def set_llm_api_key(organization, value):
 
 def get_llm_api_key(organization):
     return open_secret(organization, Purpose.LLM_API_KEY, str(organization.pk))
+
+
+def get_llm_api_key_with_version(organization):
+    return open_secret_with_version(
+        organization, Purpose.LLM_API_KEY, str(organization.pk)
+    )
 
 
 def clear_llm_api_key(organization):

@@ -3,7 +3,7 @@ import secrets
 import uuid
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -26,6 +26,8 @@ class Organization(models.Model):
     # Lifetime count of synthesis calls made on the shared platform key. It is
     # never reset: the fallback is a one-off allowance, not a monthly quota.
     fallback_calls_used = models.PositiveIntegerField(default=0)
+    # Extra fallback calls granted by support staff, on top of the setting.
+    fallback_calls_granted = models.PositiveIntegerField(default=0)
     # A soft cap on answers paid by the organization's own key: answers go on
     # past it and report cap_reached. Saving a new key resets llm_key_uses.
     llm_key_query_cap = models.PositiveIntegerField(null=True, blank=True)
@@ -44,23 +46,76 @@ class Organization(models.Model):
 
     @property
     def fallback_call_limit(self):
-        return settings.GATECO_FALLBACK_CALL_LIMIT if self.is_paid else 0
+        if not self.is_paid:
+            return 0
+        return settings.GATECO_FALLBACK_CALL_LIMIT + self.fallback_calls_granted
 
     @property
     def fallback_calls_remaining(self):
         return max(self.fallback_call_limit - self.fallback_calls_used, 0)
 
     def reserve_fallback_call(self):
-        """Take one fallback call if any is left, and return whether it did.
+        """Take one fallback call if any is left; return its ledger entry or None.
 
-        A conditional UPDATE is atomic on PostgreSQL and SQLite alike, so two
-        processes racing for the last call cannot both get it.
+        The conditional UPDATE is atomic on PostgreSQL and SQLite alike, so two
+        processes racing for the last call cannot both get it. The ledger row
+        is written in the same transaction, so the count and the ledger agree.
         """
-        taken = Organization.objects.filter(
-            pk=self.pk, fallback_calls_used__lt=self.fallback_call_limit
-        ).update(fallback_calls_used=F("fallback_calls_used") + 1)
+        with transaction.atomic():
+            taken = Organization.objects.filter(
+                pk=self.pk,
+                fallback_calls_used__lt=F("fallback_calls_granted")
+                + settings.GATECO_FALLBACK_CALL_LIMIT,
+                tier__in=PAID_TIERS,
+            ).update(fallback_calls_used=F("fallback_calls_used") + 1)
+            entry = None
+            if taken:
+                entry = CreditLedgerEntry.objects.create(
+                    organization=self, kind=CreditLedgerEntry.Kind.RESERVE, amount=1
+                )
+        self.refresh_from_db(fields=["fallback_calls_used", "fallback_calls_granted"])
+        return entry
+
+    def commit_fallback_call(self, reservation, answer_audit):
+        """Record that a reserved call produced an answer; the count stays."""
+        return CreditLedgerEntry.objects.create(
+            organization=self,
+            kind=CreditLedgerEntry.Kind.COMMIT,
+            amount=0,
+            reservation=reservation,
+            answer_audit=answer_audit,
+        )
+
+    def release_fallback_call(self, reservation, answer_audit=None):
+        """Give back a call reserved for an upstream request that failed."""
+        with transaction.atomic():
+            Organization.objects.filter(pk=self.pk, fallback_calls_used__gt=0).update(
+                fallback_calls_used=F("fallback_calls_used") - 1
+            )
+            CreditLedgerEntry.objects.create(
+                organization=self,
+                kind=CreditLedgerEntry.Kind.RELEASE,
+                amount=-1,
+                reservation=reservation,
+                answer_audit=answer_audit,
+            )
         self.refresh_from_db(fields=["fallback_calls_used"])
-        return taken == 1
+
+    def grant_fallback_calls(self, amount, reason, granted_by=None):
+        """Add `amount` fallback calls to the limit and record who and why."""
+        with transaction.atomic():
+            Organization.objects.filter(pk=self.pk).update(
+                fallback_calls_granted=F("fallback_calls_granted") + amount
+            )
+            entry = CreditLedgerEntry.objects.create(
+                organization=self,
+                kind=CreditLedgerEntry.Kind.GRANT,
+                amount=amount,
+                reason=reason,
+                actor=f"user:{granted_by.pk}" if granted_by else "system",
+            )
+        self.refresh_from_db(fields=["fallback_calls_granted"])
+        return entry
 
     def count_own_key_use(self):
         """Count one answer paid by the organization's key; return cap_reached."""
@@ -72,12 +127,47 @@ class Organization(models.Model):
             self.llm_key_uses >= self.llm_key_query_cap
         )
 
-    def release_fallback_call(self):
-        """Give back a call reserved for an upstream request that failed."""
-        Organization.objects.filter(pk=self.pk, fallback_calls_used__gt=0).update(
-            fallback_calls_used=F("fallback_calls_used") - 1
-        )
-        self.refresh_from_db(fields=["fallback_calls_used"])
+
+class CreditLedgerEntry(models.Model):
+    """One change to an organization's fallback calls.
+
+    A call is reserved (+1 to used) before the upstream request, then either
+    committed (the answer was produced) or released (-1, the request failed).
+    Grants raise the limit. `fallback_calls_used` always equals the sum of
+    the reserve and release amounts.
+    """
+
+    class Kind(models.TextChoices):
+        RESERVE = "reserve", "Reserve"
+        COMMIT = "commit", "Commit"
+        RELEASE = "release", "Release"
+        GRANT = "grant", "Grant"
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="credit_ledger"
+    )
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    amount = models.IntegerField()
+    reservation = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    answer_audit = models.ForeignKey(
+        "answers.AnswerAudit",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="ledger_entries",
+    )
+    reason = models.TextField(blank=True)
+    actor = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        verbose_name_plural = "credit ledger entries"
+
+    def __str__(self):
+        return f"{self.kind} {self.amount:+d} for {self.organization_id}"
 
 
 class Role(models.TextChoices):
@@ -165,3 +255,11 @@ class ApiKey(models.Model):
     @property
     def is_active(self):
         return self.revoked_at is None
+
+
+class FallbackCallGrant(CreditLedgerEntry):
+    """The grant entries of the ledger, for the admin's grant form."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "fallback call grant"

@@ -21,15 +21,25 @@ def make_user(username, organization=None, role=Role.MEMBER, **fields):
     return user
 
 
-def ask(client, demo, principal, query="What was revenue in the third quarter?", **extra):
-    """POST a Grounded Answer request and return the response."""
+def ask(
+    client,
+    demo,
+    principal,
+    query="What was revenue in the third quarter?",
+    headers=None,
+    **fields,
+):
+    """POST a Grounded Answer request and return the response.
+
+    `fields` are added to the request body, `headers` sent as HTTP headers.
+    """
     body = {
         "query": query,
         "principal_id": principal.external_id,
         "connector_id": str(demo.connector.id),
-        **extra,
+        **fields,
     }
-    return client.post("/api/answers/execute", body, format="json")
+    return client.post("/api/answers/execute", body, format="json", headers=headers)
 
 
 def require_service(name, url):
