@@ -26,6 +26,22 @@ class Document:
 
 def validate_document(organization, document):
     """Raise ValidationError naming the first invalid field of `document`."""
+    external_id_length = Resource._meta.get_field("external_id").max_length
+    if (
+        not isinstance(document.external_id, str)
+        or not document.external_id.strip()
+        or len(document.external_id) > external_id_length
+    ):
+        raise ValidationError(
+            f"external_id {document.external_id!r} is invalid; use a non-empty "
+            f"string of at most {external_id_length} characters."
+        )
+    title_length = Resource._meta.get_field("title").max_length
+    if not isinstance(document.title, str) or len(document.title) > title_length:
+        raise ValidationError(
+            f"{document.external_id}: title must be a string of at most "
+            f"{title_length} characters."
+        )
     if document.classification not in Classification.values:
         raise ValidationError(
             f"{document.external_id}: classification {document.classification!r} is "
@@ -54,7 +70,9 @@ def split_into_chunks(text, target=CHUNK_TARGET_CHARACTERS):
     """Split `text` on paragraph breaks into chunks of about `target` characters.
 
     A paragraph longer than `target` is split on sentence ends, and a sentence
-    longer than `target` on whitespace, so no chunk is much over the target.
+    longer than `target` on its last whitespace (space, tab or newline) within
+    the target, so no chunk is over the target. Only a word longer than
+    `target` is cut inside the word.
     """
     pieces = []
     for paragraph in re.split(r"\n\s*\n", text):
@@ -66,8 +84,13 @@ def split_into_chunks(text, target=CHUNK_TARGET_CHARACTERS):
             continue
         for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
             while len(sentence) > target:
-                cut = sentence.rfind(" ", 0, target)
-                cut = cut if cut > 0 else target
+                # A whitespace at index `target` is a valid cut too, because the
+                # piece before it is exactly `target` characters long.
+                breaks = [
+                    match.start()
+                    for match in re.finditer(r"\s", sentence[: target + 1])
+                ]
+                cut = breaks[-1] if breaks and breaks[-1] > 0 else target
                 pieces.append(sentence[:cut].strip())
                 sentence = sentence[cut:].strip()
             if sentence:
@@ -94,6 +117,15 @@ def ingest_documents(connector, documents):
     organization = connector.organization
     for document in documents:
         validate_document(organization, document)
+    # Two documents with one external id would silently become one resource.
+    seen = set()
+    for document in documents:
+        if document.external_id in seen:
+            raise ValidationError(
+                f"{document.external_id}: two documents have this external id; "
+                "give each document its own."
+            )
+        seen.add(document.external_id)
 
     owners = {
         principal.external_id: principal

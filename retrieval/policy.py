@@ -50,6 +50,14 @@ def validate_rules(rules):
             raise PolicyDefinitionError(
                 f"rule {rule_number} needs a non-empty 'conditions' list."
             )
+        # A rule has no effect or negation of its own, so any other key is a
+        # mistake that would otherwise be ignored.
+        if set(rule) != {"conditions"}:
+            raise PolicyDefinitionError(
+                f"rule {rule_number} has unknown keys "
+                f"{sorted(set(rule) - {'conditions'})}; a rule contains only "
+                "'conditions'."
+            )
         for condition in conditions:
             _validate_condition(rule_number, condition)
 

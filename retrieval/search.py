@@ -102,6 +102,22 @@ def keyword_candidates(connector, query):
     return scored
 
 
+def _require_same_organization(organization, principal, connector):
+    """Raise PolicyEvaluationError if either belongs to another organization.
+
+    `organization`'s policies must never decide on another organization's
+    principals or documents, so such a retrieval is denied as a whole.
+    """
+    if principal.organization_id != organization.pk:
+        raise PolicyEvaluationError(
+            f"principal {principal.pk} belongs to another organization"
+        )
+    if connector.organization_id != organization.pk:
+        raise PolicyEvaluationError(
+            f"connector {connector.pk} belongs to another organization"
+        )
+
+
 def execute_retrieval(organization, principal, connector, query, top_k, search_mode):
     """Search `connector` for `principal` and keep only what policy allows."""
     started = time.perf_counter()
@@ -115,6 +131,7 @@ def execute_retrieval(organization, principal, connector, query, top_k, search_m
 
     decisions = {}
     try:
+        _require_same_organization(organization, principal, connector)
         for candidate in candidates:
             if len(result.allowed) >= top_k:
                 break
