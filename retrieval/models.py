@@ -13,6 +13,13 @@ class Classification(models.TextChoices):
     RESTRICTED = "restricted", "Restricted"
 
 
+class Sensitivity(models.TextChoices):
+    LOW = "low", "Low"
+    MEDIUM = "medium", "Medium"
+    HIGH = "high", "High"
+    CRITICAL = "critical", "Critical"
+
+
 class PrincipalStatus(models.TextChoices):
     ACTIVE = "active", "Active"
     INACTIVE = "inactive", "Inactive"
@@ -36,6 +43,7 @@ class Principal(models.Model):
         max_length=20, choices=PrincipalStatus.choices, default=PrincipalStatus.ACTIVE
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         constraints = [
@@ -44,6 +52,7 @@ class Principal(models.Model):
                 name="unique_principal_external_id",
             )
         ]
+        indexes = [models.Index(fields=["organization", "email"])]
 
     def __str__(self):
         return self.display_name or self.external_id
@@ -62,6 +71,9 @@ class Connector(models.Model):
     )
     name = models.CharField(max_length=200)
     kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.BUILTIN)
+    # Bumped whenever its chunks change, so in-memory search indexes know to
+    # rebuild.
+    index_version = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:
@@ -87,7 +99,12 @@ class Resource(models.Model):
     classification = models.CharField(
         max_length=20, choices=Classification.choices, default=Classification.INTERNAL
     )
+    sensitivity = models.CharField(
+        max_length=20, choices=Sensitivity.choices, default=Sensitivity.LOW
+    )
+    domain = models.CharField(max_length=100, blank=True)
     labels = models.JSONField(default=list, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
     owner = models.ForeignKey(
         Principal,
         null=True,
@@ -117,6 +134,8 @@ class Chunk(models.Model):
     )
     position = models.PositiveIntegerField()
     text = models.TextField()
+    # float32 values, little-endian; empty when the chunk has no embedding.
+    embedding = models.BinaryField(blank=True, default=b"")
 
     class Meta:
         ordering = ["resource_id", "position"]
@@ -152,6 +171,7 @@ class Policy(models.Model):
     class Type(models.TextChoices):
         RBAC = "rbac", "Role-based"
         ABAC = "abac", "Attribute-based"
+        REBAC = "rebac", "Relationship-based"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     organization = models.ForeignKey(
@@ -164,11 +184,18 @@ class Policy(models.Model):
         max_length=20, choices=PolicyStatus.choices, default=PolicyStatus.DRAFT
     )
     effect = models.CharField(max_length=10, choices=Effect.choices)
+    # Conditions over resource.* fields that pick the resources the policy
+    # applies to; empty means every resource.
+    resource_selectors = models.JSONField(default=list, blank=True)
     rules = models.JSONField(default=list)
+    version = models.PositiveIntegerField(default=1)
+    created_by = models.CharField(max_length=100, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         verbose_name_plural = "policies"
+        ordering = ["created_at", "id"]
         constraints = [
             models.UniqueConstraint(
                 fields=["organization", "name"], name="unique_policy_name"
@@ -193,5 +220,83 @@ class Retrieval(models.Model):
     candidates = models.PositiveIntegerField(default=0)
     allowed_chunks = models.PositiveIntegerField(default=0)
     denied_chunks = models.PositiveIntegerField(default=0)
+    # "allowed", "denied" or "error_deny"; `reason` says why for error_deny.
     decision = models.CharField(max_length=20)
+    reason = models.TextField(blank=True)
+    refill_rounds = models.PositiveIntegerField(default=0)
+    latency_ms = models.PositiveIntegerField(default=0)
+    actor = models.CharField(max_length=100, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        indexes = [models.Index(fields=["organization", "created_at"])]
+
+
+class Relationship(models.Model):
+    """A named relation from a principal to a resource, such as "editor".
+
+    Policies read it as `relation.<name>`: true when the principal holds that
+    relation to the resource being decided (one hop, no inheritance).
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="relationships"
+    )
+    subject = models.ForeignKey(
+        Principal, on_delete=models.CASCADE, related_name="relationships"
+    )
+    relation_name = models.CharField(max_length=100)
+    object = models.ForeignKey(
+        Resource, on_delete=models.CASCADE, related_name="relationships"
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["subject", "relation_name", "object"],
+                name="unique_relationship",
+            )
+        ]
+
+
+class AuditEvent(models.Model):
+    """An access decision, written before its results are returned."""
+
+    class Type(models.TextChoices):
+        RETRIEVAL_ALLOWED = "retrieval_allowed", "Retrieval allowed"
+        RETRIEVAL_DENIED = "retrieval_denied", "Retrieval denied"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="audit_events"
+    )
+    event_type = models.CharField(max_length=40, choices=Type.choices)
+    actor = models.CharField(max_length=100, blank=True)
+    principal = models.ForeignKey(Principal, null=True, on_delete=models.SET_NULL)
+    retrieval = models.ForeignKey(Retrieval, null=True, on_delete=models.SET_NULL)
+    decision = models.CharField(max_length=20)
+    details = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["organization", "created_at"])]
+
+
+class MonthlyUsage(models.Model):
+    """Secured retrievals per organization and calendar month (UTC)."""
+
+    organization = models.ForeignKey(
+        Organization, on_delete=models.CASCADE, related_name="monthly_usage"
+    )
+    month = models.DateField(help_text="The first day of the month.")
+    retrievals = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["organization", "month"], name="one_usage_row_per_month"
+            )
+        ]
