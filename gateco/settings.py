@@ -210,5 +210,8 @@ LOGGING = {
         # httpx logs each request URL at INFO; keep it quiet by default.
         "httpx": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},
+        # botocore logs raw KMS responses, which hold plaintext data keys, at
+        # DEBUG; keyvault.kms also filters those records out.
+        "botocore": {"level": "INFO"},
     },
 }

@@ -78,6 +78,30 @@ class LocalKeyService:
             ) from None
 
 
+class DropResponseBodies(logging.Filter):
+    """A filter that drops botocore's DEBUG record of each raw response body.
+
+    KMS GenerateDataKey and Decrypt responses carry the plaintext data key, and
+    botocore 1.44 logs every response body at DEBUG, so LOG_LEVEL=DEBUG would
+    otherwise write unwrapped data keys to the log.
+    """
+
+    def filter(self, record):
+        return not (
+            isinstance(record.msg, str) and record.msg.startswith("Response body")
+        )
+
+
+_drop_response_bodies = DropResponseBodies()
+
+
+def hide_botocore_response_bodies():
+    """Attach DropResponseBodies to the botocore.parsers logger, once."""
+    parsers_logger = logging.getLogger("botocore.parsers")
+    if _drop_response_bodies not in parsers_logger.filters:
+        parsers_logger.addFilter(_drop_response_bodies)
+
+
 class AwsKmsKeyService:
     """Wraps data keys with AWS KMS through boto3.
 
@@ -89,6 +113,7 @@ class AwsKmsKeyService:
         import boto3
         from botocore.config import Config
 
+        hide_botocore_response_bodies()
         self.key_id = key_id
         self._client = boto3.client(
             "kms",
