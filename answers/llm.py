@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import openai
 from django.conf import settings
+from django.views.decorators.debug import sensitive_variables
 
 from gateco.errors import ApiError
 
@@ -144,6 +145,38 @@ def complete(api_key, messages, key_source):
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,
     )
+
+
+class KeyCheck:
+    VALID = "valid"
+    INVALID = "invalid"
+    UNVERIFIED = "unverified"
+
+
+@sensitive_variables("api_key")
+def check_api_key(api_key):
+    """Check a new key with OpenAI's model list, which is not billed.
+
+    Returns KeyCheck.INVALID only when OpenAI rejects the key (401 or 403);
+    a timeout, a network error or any other failure is UNVERIFIED, because
+    it says nothing about the key. The key goes in the Authorization header.
+    """
+    client = openai.OpenAI(
+        api_key=api_key,
+        base_url=settings.OPENAI_BASE_URL,
+        timeout=settings.GATECO_KEY_CHECK_TIMEOUT_SECONDS,
+        max_retries=0,
+    )
+    try:
+        client.models.list()
+    except (openai.AuthenticationError, openai.PermissionDeniedError):
+        return KeyCheck.INVALID
+    except openai.APIError as error:
+        logger.warning("Could not check an OpenAI key: %s", type(error).__name__)
+        return KeyCheck.UNVERIFIED
+    finally:
+        client.close()
+    return KeyCheck.VALID
 
 
 def parse_content(content):

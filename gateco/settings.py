@@ -179,7 +179,10 @@ GATECO_KMS_REGION = env.str(
     "AWS_REGION", default=env.str("AWS_DEFAULT_REGION", default="")
 )
 GATECO_LOCAL_KEK = read_secret_setting("GATECO_LOCAL_KEK")
-GATECO_LOCAL_KEK_FILE = DATA_DIR / "local-kek.key"
+GATECO_LOCAL_KEK_DEFAULT_FILE = DATA_DIR / "local-kek.key"
+# Earlier local key-encryption keys (comma-separated base64), kept only so
+# `manage.py rewrap_data_keys` can move data keys to the current one.
+GATECO_LOCAL_KEK_PREVIOUS = env.list("GATECO_LOCAL_KEK_PREVIOUS", default=[])
 if GATECO_KMS_BACKEND == "local" and PRODUCTION and not GATECO_LOCAL_KEK:
     raise ImproperlyConfigured(
         "GATECO_ENV=production with the local key service needs GATECO_LOCAL_KEK "
@@ -194,6 +197,10 @@ OPENAI_API_KEY = read_secret_setting("OPENAI_API_KEY")
 OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="") or None
 GATECO_ANSWER_MODEL = env.str("GATECO_ANSWER_MODEL", default="gpt-4o-mini")
 GATECO_LLM_TIMEOUT_SECONDS = env.float("GATECO_LLM_TIMEOUT_SECONDS", default=30.0)
+# A new key is checked against OpenAI's model list when it is saved.
+GATECO_KEY_CHECK_TIMEOUT_SECONDS = env.float(
+    "GATECO_KEY_CHECK_TIMEOUT_SECONDS", default=5.0
+)
 GATECO_FALLBACK_CALL_LIMIT = env.int("GATECO_FALLBACK_CALL_LIMIT", default=100)
 
 LOGGING = {

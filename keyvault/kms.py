@@ -37,41 +37,59 @@ def canonical_context(context):
     return json.dumps(context, sort_keys=True, separators=(",", ":")).encode()
 
 
+def local_key_id(kek):
+    return "local:" + hashlib.sha256(b"gateco-kek-id" + kek).hexdigest()[:16]
+
+
 class LocalKeyService:
     """Wraps data keys with AES-256-GCM under a local key-encryption key.
 
     The wrapped form is `b"GLK1" | kek_id (8 bytes) | nonce (12) | ciphertext`,
     with the canonical encryption context as associated data, so unwrapping
     under any other context fails the GCM tag check, as it does in AWS KMS.
+    `previous_keks` still unwrap, so data keys can be re-wrapped after the
+    key-encryption key changes; new data keys are wrapped with `kek` only.
     """
 
     MAGIC = b"GLK1"
 
-    def __init__(self, kek):
-        if len(kek) != 32:
-            raise ImproperlyConfigured(
-                f"The local key-encryption key must be 32 bytes, got {len(kek)}."
-            )
-        self._aead = AESGCM(kek)
-        self.key_id = "local:" + hashlib.sha256(b"gateco-kek-id" + kek).hexdigest()[:16]
+    def __init__(self, kek, previous_keks=()):
+        self._keys = {}
+        for candidate in [kek, *previous_keks]:
+            if len(candidate) != 32:
+                raise ImproperlyConfigured(
+                    "A local key-encryption key must be 32 bytes, got "
+                    f"{len(candidate)}."
+                )
+            tag = bytes.fromhex(local_key_id(candidate).removeprefix("local:"))[:8]
+            self._keys.setdefault(tag, AESGCM(candidate))
+        self.key_id = local_key_id(kek)
         self._kek_tag = bytes.fromhex(self.key_id.removeprefix("local:"))[:8]
 
     def generate_data_key(self, context):
         """Return `(plaintext_key, wrapped_key, key_id)` for a new data key."""
         plaintext = AESGCM.generate_key(bit_length=256)
+        wrapped, key_id = self.wrap_data_key(plaintext, context)
+        return plaintext, wrapped, key_id
+
+    def wrap_data_key(self, plaintext, context):
+        """Return `(wrapped_key, key_id)` of `plaintext` under the current key."""
         nonce = os.urandom(12)
-        sealed = self._aead.encrypt(nonce, plaintext, canonical_context(context))
-        return plaintext, self.MAGIC + self._kek_tag + nonce + sealed, self.key_id
+        sealed = self._keys[self._kek_tag].encrypt(
+            nonce, plaintext, canonical_context(context)
+        )
+        return self.MAGIC + self._kek_tag + nonce + sealed, self.key_id
 
     def decrypt_data_key(self, wrapped, context, key_id=None):
         wrapped = bytes(wrapped)
-        if wrapped[:4] != self.MAGIC or wrapped[4:12] != self._kek_tag:
+        aead = self._keys.get(wrapped[4:12])
+        if wrapped[:4] != self.MAGIC or aead is None:
             raise KeyAccessDenied(
-                "The data key was not wrapped by this key-encryption key."
+                "The data key was not wrapped by a configured key-encryption key."
             )
         nonce, sealed = wrapped[12:24], wrapped[24:]
         try:
-            return self._aead.decrypt(nonce, sealed, canonical_context(context))
+            return aead.decrypt(nonce, sealed, canonical_context(context))
         except InvalidTag:
             raise KeyAccessDenied(
                 "The data key does not open under this encryption context."
@@ -132,6 +150,12 @@ class AwsKmsKeyService:
         )
         return response["Plaintext"], response["CiphertextBlob"], response["KeyId"]
 
+    def wrap_data_key(self, plaintext, context):
+        response = self._call(
+            "encrypt", KeyId=self.key_id, Plaintext=plaintext, EncryptionContext=context
+        )
+        return response["CiphertextBlob"], response["KeyId"]
+
     def decrypt_data_key(self, wrapped, context, key_id=None):
         response = self._call(
             "decrypt",
@@ -166,12 +190,22 @@ class AwsKmsKeyService:
             ) from None
 
 
+def decode_kek(encoded, setting_name):
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"{setting_name} is not valid base64; generate a key with "
+            "`python -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'`."
+        ) from None
+
+
 def load_local_kek():
     """Return the local key-encryption key from settings or its file."""
     if settings.GATECO_LOCAL_KEK:
         encoded = settings.GATECO_LOCAL_KEK
     else:
-        path = settings.GATECO_LOCAL_KEK_FILE
+        path = settings.GATECO_LOCAL_KEK_DEFAULT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -182,13 +216,7 @@ def load_local_kek():
                 handle.write(base64.b64encode(os.urandom(32)).decode())
             logger.info("Created the local key-encryption key file %s", path)
         encoded = path.read_text().strip()
-    try:
-        return base64.b64decode(encoded, validate=True)
-    except ValueError:
-        raise ImproperlyConfigured(
-            "GATECO_LOCAL_KEK is not valid base64; generate one with "
-            "`python -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())'`."
-        ) from None
+    return decode_kek(encoded, "GATECO_LOCAL_KEK")
 
 
 @functools.cache
@@ -196,4 +224,8 @@ def get_key_service():
     """Return the configured key service, built once per process."""
     if settings.GATECO_KMS_BACKEND == "aws":
         return AwsKmsKeyService(settings.GATECO_KMS_KEY_ID, settings.GATECO_KMS_REGION)
-    return LocalKeyService(load_local_kek())
+    previous = [
+        decode_kek(encoded, "GATECO_LOCAL_KEK_PREVIOUS")
+        for encoded in settings.GATECO_LOCAL_KEK_PREVIOUS
+    ]
+    return LocalKeyService(load_local_kek(), previous)

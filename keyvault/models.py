@@ -44,6 +44,9 @@ class Secret(models.Model):
     last_four = models.CharField(max_length=4, blank=True)
     # Counts replacements, so audit rows can name which key paid without it.
     version = models.PositiveIntegerField(default=1)
+    # The result of checking the key with its provider when it was saved:
+    # "valid", or "unverified" when the provider could not be reached.
+    check_status = models.CharField(max_length=20, blank=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
 
     class Meta:

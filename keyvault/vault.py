@@ -115,6 +115,12 @@ class DataKeyCache:
         with self._lock:
             self._entries.clear()
 
+    def forget(self, organization_id):
+        """Drop every cached data key of one organization."""
+        with self._lock:
+            for cache_key in [k for k in self._entries if k[0] == str(organization_id)]:
+                del self._entries[cache_key]
+
 
 data_key_cache = DataKeyCache()
 
@@ -132,16 +138,21 @@ def _create_data_key(organization):
         # Another process created it first; use theirs.
         return _unwrap(DataKey.objects.get(organization=organization))
     logger.info("Created a data key for organization %s", organization.pk)
-    data_key_cache.put(_cache_key(data_key), plaintext)
+    data_key_cache.put(cache_key_of(data_key), plaintext)
     return plaintext
 
 
-def _cache_key(data_key):
+def cache_key_of(data_key):
     return (str(data_key.organization_id), hashlib.sha256(bytes(data_key.wrapped_key)).digest())
 
 
+def unwrap_data_key(data_key):
+    """Return the plaintext of `data_key`, from the cache when it is there."""
+    return _unwrap(data_key)
+
+
 def _unwrap(data_key):
-    cache_key = _cache_key(data_key)
+    cache_key = cache_key_of(data_key)
     plaintext = data_key_cache.get(cache_key)
     if plaintext is None:
         plaintext = get_key_service().decrypt_data_key(
@@ -154,7 +165,7 @@ def _unwrap(data_key):
 
 
 @sensitive_variables("value", "key")
-def store_secret(organization, purpose, reference, value):
+def store_secret(organization, purpose, reference, value, check_status=""):
     """Seal `value` and store it, replacing any earlier secret for the record."""
     data_key = DataKey.objects.filter(organization=organization).first()
     try:
@@ -170,11 +181,7 @@ def store_secret(organization, purpose, reference, value):
             key_service_unavailable=not isinstance(error, KeyAccessDenied),
         ) from None
 
-    nonce = os.urandom(NONCE_BYTES)
-    sealed = AESGCM(key).encrypt(
-        nonce, value.encode(), associated_data(organization.pk, purpose, reference)
-    )
-    ciphertext = bytes([SEAL_VERSION]) + nonce + sealed
+    ciphertext = seal(key, organization.pk, purpose, reference, value)
     with transaction.atomic():
         secret = (
             Secret.objects.select_for_update()
@@ -188,12 +195,16 @@ def store_secret(organization, purpose, reference, value):
                 reference=reference,
                 ciphertext=ciphertext,
                 last_four=value[-4:],
+                check_status=check_status,
             )
         else:
             secret.ciphertext = ciphertext
             secret.last_four = value[-4:]
+            secret.check_status = check_status
             secret.version += 1
-            secret.save(update_fields=["ciphertext", "last_four", "version"])
+            secret.save(
+                update_fields=["ciphertext", "last_four", "check_status", "version"]
+            )
     logger.info("Stored the %s secret of organization %s", purpose, organization.pk)
 
 
@@ -229,19 +240,37 @@ def _open(secret):
             organization_id, secret.purpose, str(error), key_service_unavailable=True
         ) from None
 
+    return unseal(key, secret)
+
+
+@sensitive_variables("key", "value")
+def seal(key, organization_id, purpose, reference, value):
+    """Return the versioned blob of `value` sealed for one record."""
+    nonce = os.urandom(NONCE_BYTES)
+    sealed = AESGCM(key).encrypt(
+        nonce, value.encode(), associated_data(organization_id, purpose, reference)
+    )
+    return bytes([SEAL_VERSION]) + nonce + sealed
+
+
+@sensitive_variables("key")
+def unseal(key, secret):
+    """Return the plaintext of `secret`, or raise SecretUnavailable."""
     blob = bytes(secret.ciphertext)
     if not blob or blob[0] != SEAL_VERSION:
-        raise SecretUnavailable(organization_id, secret.purpose, "unknown format")
+        raise SecretUnavailable(secret.organization_id, secret.purpose, "unknown format")
     nonce, sealed = blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :]
     try:
         plaintext = AESGCM(key).decrypt(
             nonce,
             sealed,
-            associated_data(organization_id, secret.purpose, secret.reference),
+            associated_data(secret.organization_id, secret.purpose, secret.reference),
         )
     except InvalidTag:
         raise SecretUnavailable(
-            organization_id, secret.purpose, "the ciphertext does not match its record"
+            secret.organization_id,
+            secret.purpose,
+            "the ciphertext does not match its record",
         ) from None
     return plaintext.decode()
 
@@ -257,21 +286,28 @@ def delete_secret(organization, purpose, reference):
 
 def secret_status(organization, purpose, reference):
     """Return `(is_set, last_four)` without opening the secret."""
-    secret = (
-        Secret.objects.filter(
-            organization=organization, purpose=purpose, reference=reference
-        )
-        .only("last_four")
-        .first()
-    )
+    secret = secret_row(organization, purpose, reference)
     if secret is None:
         return False, ""
     return True, secret.last_four
 
 
+def secret_row(organization, purpose, reference):
+    """Return the Secret row without its ciphertext, or None."""
+    return (
+        Secret.objects.filter(
+            organization=organization, purpose=purpose, reference=reference
+        )
+        .only("last_four", "check_status", "version")
+        .first()
+    )
+
+
 @sensitive_variables("value")
-def set_llm_api_key(organization, value):
-    store_secret(organization, Purpose.LLM_API_KEY, str(organization.pk), value)
+def set_llm_api_key(organization, value, check_status=""):
+    store_secret(
+        organization, Purpose.LLM_API_KEY, str(organization.pk), value, check_status
+    )
 
 
 def get_llm_api_key(organization):
@@ -290,3 +326,7 @@ def clear_llm_api_key(organization):
 
 def llm_api_key_status(organization):
     return secret_status(organization, Purpose.LLM_API_KEY, str(organization.pk))
+
+
+def llm_api_key_row(organization):
+    return secret_row(organization, Purpose.LLM_API_KEY, str(organization.pk))

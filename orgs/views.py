@@ -12,11 +12,13 @@ from rest_framework import exceptions, serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from answers import llm
 from gateco.errors import ApiError
 from keyvault.forms import MASKED_KEY, LlmApiKeyForm, validate_llm_api_key
 from keyvault.vault import (
     SecretUnavailable,
     clear_llm_api_key,
+    llm_api_key_row,
     llm_api_key_status,
     set_llm_api_key,
 )
@@ -33,13 +35,38 @@ class KeyServiceFailed(ApiError):
     default_message = "The key service failed, so the key was not saved. Retry later."
 
 
+class LlmKeyRejected(ApiError):
+    status_code = 422
+    code = "LLM_KEY_INVALID"
+    default_message = (
+        "OpenAI rejected this API key (401 or 403), so it was not saved. Check "
+        "that you copied the whole key and that it has not been revoked."
+    )
+
+
+UNVERIFIED_WARNING = (
+    "OpenAI could not be reached to check this key, so it was saved unverified. "
+    "Answers will show whether it works."
+)
+
+
 @sensitive_variables("value")
 def replace_llm_api_key(organization, value):
-    """Store a new key and reset the own-key use count, in one transaction."""
+    """Check a new key with OpenAI, then store it and reset the use count.
+
+    Raises LlmKeyRejected when OpenAI rejects it. Returns the check result.
+    The check runs before the transaction, so no database lock is held while
+    waiting for OpenAI.
+    """
+    check = llm.check_api_key(value)
+    if check == llm.KeyCheck.INVALID:
+        logger.info("Rejected a new LLM key for organization %s", organization.pk)
+        raise LlmKeyRejected()
     with transaction.atomic():
-        set_llm_api_key(organization, value)
+        set_llm_api_key(organization, value, check_status=check)
         organization.llm_key_uses = 0
         organization.save(update_fields=["llm_key_uses"])
+    return check
 
 
 def remove_llm_api_key(organization):
@@ -75,7 +102,8 @@ class OrganizationSettingsSerializer(serializers.Serializer):
 
 
 def settings_body(organization):
-    configured, last_four = llm_api_key_status(organization)
+    row = llm_api_key_row(organization)
+    configured, last_four = row is not None, row.last_four if row else ""
     return {
         "id": str(organization.id),
         "name": organization.name,
@@ -84,6 +112,7 @@ def settings_body(organization):
         "llm_provider": "openai",
         "llm_api_key_configured": configured,
         "llm_api_key_last_four": last_four or None,
+        "llm_api_key_check": row.check_status or None if row else None,
         "llm_fallback_credits_used": organization.fallback_calls_used,
         "llm_fallback_credits_limit": organization.fallback_call_limit,
         "llm_key_uses": organization.llm_key_uses,
@@ -111,9 +140,12 @@ class OrganizationSettingsView(APIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
 
+        warnings = []
         try:
             if data.get("llm_api_key"):
-                replace_llm_api_key(organization, data["llm_api_key"])
+                check = replace_llm_api_key(organization, data["llm_api_key"])
+                if check == llm.KeyCheck.UNVERIFIED:
+                    warnings.append(UNVERIFIED_WARNING)
             elif data.get("clear_llm_api_key"):
                 remove_llm_api_key(organization)
         except SecretUnavailable as error:
@@ -131,7 +163,7 @@ class OrganizationSettingsView(APIView):
         if changed:
             organization.save(update_fields=changed)
         organization.refresh_from_db()
-        return Response(settings_body(organization))
+        return Response({**settings_body(organization), "warnings": warnings})
 
 
 def require_manager(request):
@@ -161,7 +193,7 @@ def api_keys_page(request):
             handle_key_form(request, organization, form.cleaned_data["llm_api_key"])
             return redirect("orgs:api-keys")
 
-    configured, last_four = llm_api_key_status(organization)
+    row = llm_api_key_row(organization)
     return render(
         request,
         "orgs/api_keys.html",
@@ -169,8 +201,9 @@ def api_keys_page(request):
             "organization": organization,
             "membership": membership,
             "form": form,
-            "key_configured": configured,
-            "key_last_four": last_four,
+            "key_configured": row is not None,
+            "key_last_four": row.last_four if row else "",
+            "key_unverified": row is not None and row.check_status == llm.KeyCheck.UNVERIFIED,
         },
     )
 
@@ -185,12 +218,16 @@ def handle_key_form(request, organization, new_key):
             else:
                 messages.info(request, "No LLM API key was set.")
         elif new_key:
-            replace_llm_api_key(organization, new_key)
+            check = replace_llm_api_key(organization, new_key)
             messages.success(
                 request, f"The LLM API key ending in {new_key[-4:]} was saved."
             )
+            if check == llm.KeyCheck.UNVERIFIED:
+                messages.warning(request, UNVERIFIED_WARNING)
         else:
             messages.info(request, "No new key was entered; the stored key is unchanged.")
+    except LlmKeyRejected as error:
+        messages.error(request, error.message)
     except SecretUnavailable as error:
         logger.error("%s", error)
         messages.error(request, "The key service failed, so nothing was changed. Retry later.")

@@ -150,7 +150,11 @@ def test_typed_key_pays_for_answer(
     assert status == 200
     assert body["outcome"] == "answered"
     assert body["key_source"] == "organization"
-    assert [r["key_last4"] for r in openai_server.requests] == ["BRW4"]
+    # The key was checked against the model list on save, then paid for the answer.
+    assert [(r["path"], r["key_last4"]) for r in openai_server.requests] == [
+        ("/v1/models", "BRW4"),
+        ("/v1/chat/completions", "BRW4"),
+    ]
     assert AnswerAudit.objects.get().key_source == "organization"
     demo.organization.refresh_from_db()
     assert demo.organization.fallback_calls_used == 0

@@ -132,7 +132,10 @@ def test_update_org_settings_stores_key(sdk, demo, openai_server):
     answer = ask(sdk, demo, demo.alice)
 
     assert answer.model_extra["key_source"] == "organization"
-    assert [r["key_last4"] for r in openai_server.requests] == ["SDK6"]
+    assert [(r["path"], r["key_last4"]) for r in openai_server.requests] == [
+        ("/v1/models", "SDK6"),
+        ("/v1/chat/completions", "SDK6"),
+    ]
     assert sdk.users.get_org_settings()["llm_key_uses"] == 1
 
 
