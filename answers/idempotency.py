@@ -48,9 +48,10 @@ def is_stored(status_code):
 
 
 def run_once(organization, key, data, compute):
-    """Return `(status, body, headers)` from `compute()`, at most once per key.
+    """Return `(status, body, headers)` from `compute()`, run once per stored key.
 
-    `compute` returns the same triple. Without a key it simply runs.
+    `compute` returns the same triple. Without a key it simply runs. A result
+    that is not stored (429 or 5xx) frees the key, so a retry runs again.
     """
     if key is None:
         return compute()

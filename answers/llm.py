@@ -79,13 +79,13 @@ class LlmRateLimited(LlmError):
 class LlmTimeout(LlmError):
     status_code = 504
     code = "LLM_TIMEOUT"
-    default_message = "OpenAI did not answer in time; no credit was used. Retry later."
+    default_message = "OpenAI did not respond in time; no credit was used. Retry later."
 
 
 class LlmUpstreamError(LlmError):
     status_code = 502
     code = "LLM_UPSTREAM_ERROR"
-    default_message = "OpenAI failed to answer; no credit was used. Retry later."
+    default_message = "OpenAI returned an error; no credit was used. Retry later."
 
 
 @dataclass
@@ -136,7 +136,7 @@ def complete(api_key, messages, key_source):
         content = response.choices[0].message.content or ""
     except (IndexError, AttributeError, TypeError):
         logger.warning("Chat completion returned no choices (key source %s)", key_source)
-        raise LlmUpstreamError("OpenAI returned an empty answer; no credit was used.") from None
+        raise LlmUpstreamError("OpenAI returned no choices; no credit was used. Retry later.") from None
     answer, numbers = parse_content(content)
     usage = response.usage
     return Completion(
@@ -159,7 +159,7 @@ def check_api_key(api_key):
 
     Returns KeyCheck.INVALID only when OpenAI rejects the key (401 or 403);
     a timeout, a network error or any other failure is UNVERIFIED, because
-    it says nothing about the key. The key goes in the Authorization header.
+    it tells nothing about the key. The key goes in the Authorization header.
     """
     client = openai.OpenAI(
         api_key=api_key,

@@ -162,9 +162,10 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 
-# Key service. "local" wraps data keys with a 256-bit key-encryption key kept
-# in GATECO_LOCAL_KEK (base64) or in a file created on first run; "aws" calls
-# AWS KMS with boto3, which also honours AWS_ENDPOINT_URL_KMS and AWS_REGION.
+# Key service. "local" wraps data keys with a 256-bit key-encryption key from
+# GATECO_LOCAL_KEK (base64) or from a file created on first run. "aws" calls
+# AWS KMS through boto3, which also reads AWS_ENDPOINT_URL_KMS; the region
+# comes from AWS_REGION or AWS_DEFAULT_REGION.
 GATECO_KMS_KEY_ID = env.str("GATECO_KMS_KEY_ID", default="")
 GATECO_KMS_BACKEND = env.str(
     "GATECO_KMS_BACKEND", default="aws" if GATECO_KMS_KEY_ID else "local"
@@ -202,6 +203,25 @@ GATECO_KEY_CHECK_TIMEOUT_SECONDS = env.float(
     "GATECO_KEY_CHECK_TIMEOUT_SECONDS", default=5.0
 )
 GATECO_FALLBACK_CALL_LIMIT = env.int("GATECO_FALLBACK_CALL_LIMIT", default=100)
+
+# Time in milliseconds that policy evaluation may take per retrieval. Past it,
+# the whole retrieval is denied (decision error_deny), never allowed.
+GATECO_POLICY_TIME_BUDGET_MS = env.int("GATECO_POLICY_TIME_BUDGET_MS", default=50)
+if GATECO_POLICY_TIME_BUDGET_MS < 0:
+    raise ImproperlyConfigured(
+        f"GATECO_POLICY_TIME_BUDGET_MS={GATECO_POLICY_TIME_BUDGET_MS} is invalid: "
+        "use 0 or more milliseconds."
+    )
+
+# Embeddings for vector search, made with the organization's own key.
+GATECO_EMBEDDING_MODEL = env.str(
+    "GATECO_EMBEDDING_MODEL", default="text-embedding-3-small"
+)
+# Length of the vectors requested from the embeddings API, or 0 for the
+# model's own length (1,536 for text-embedding-3-small). Each process keeps
+# chunks x length float32 values per searched connector in memory, so 256
+# holds 100,000 chunks in about 100 MB.
+GATECO_EMBEDDING_DIMENSIONS = env.int("GATECO_EMBEDDING_DIMENSIONS", default=256)
 
 LOGGING = {
     "version": 1,

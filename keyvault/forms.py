@@ -3,7 +3,7 @@ import re
 from django import forms
 from django.core.exceptions import ValidationError
 
-# What the pages and API show in place of a stored key. Submitting it back
+# The masked form of a stored key, as pages show it. Submitting it back
 # means "keep the stored key".
 MASKED_KEY = re.compile(r"[•*]{4,}[\x21-\x7e]{0,4}")
 # OpenAI keys are printable ASCII without spaces ("sk-...", "sk-proj-...").

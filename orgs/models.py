@@ -62,14 +62,14 @@ class Organization(models.Model):
         is written in the same transaction, so the count and the ledger agree.
         """
         with transaction.atomic():
-            taken = Organization.objects.filter(
+            rows_updated = Organization.objects.filter(
                 pk=self.pk,
                 fallback_calls_used__lt=F("fallback_calls_granted")
                 + settings.GATECO_FALLBACK_CALL_LIMIT,
                 tier__in=PAID_TIERS,
             ).update(fallback_calls_used=F("fallback_calls_used") + 1)
             entry = None
-            if taken:
+            if rows_updated:
                 entry = CreditLedgerEntry.objects.create(
                     organization=self, kind=CreditLedgerEntry.Kind.RESERVE, amount=1
                 )
@@ -77,7 +77,7 @@ class Organization(models.Model):
         return entry
 
     def commit_fallback_call(self, reservation, answer_audit):
-        """Record that a reserved call produced an answer; the count stays."""
+        """Record that a reserved call was used for a synthesis; the count stays."""
         return CreditLedgerEntry.objects.create(
             organization=self,
             kind=CreditLedgerEntry.Kind.COMMIT,

@@ -124,7 +124,7 @@ def settings_body(organization):
 class OrganizationSettingsView(APIView):
     """Organization settings: read them, or change the name and the LLM key.
 
-    The key is write-only: responses say whether one is set and give its last
+    The key is write-only: responses tell whether one is set and give its last
     four characters, never more.
     """
 
