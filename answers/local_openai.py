@@ -376,7 +376,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if path == "/v1/chat/completions":
                 self.record["messages"] = body.get("messages")
         owner._apply_failure()
-        return endpoint(body)
+        response = endpoint(body)
+        scripted = owner._next_scripted_reply() if path == "/v1/chat/completions" else None
+        if scripted is not None:
+            response["choices"][0]["message"]["content"] = scripted
+        return response
 
     def bearer_key(self) -> str | None:
         scheme, _, key = self.headers.get("Authorization", "").partition(" ")
@@ -543,9 +547,26 @@ class LocalOpenAIServer:
         with self._lock:
             self._rejected_suffixes = frozenset(suffixes)
 
-    def reset(self) -> None:
-        """Clear the injected failure, the rejected key suffixes and the record."""
+    def script_replies(self, *contents) -> None:
+        """Use `contents` as the assistant content of the next chat completions.
+
+        Lets a test send replies the extractive answerer never writes, such as
+        a citation of a chunk that was not supplied.
+        """
+        if not all(map(is_text, contents)):
+            raise invalid_field("contents", "non-empty strings")
         with self._lock:
+            self._scripted_replies.extend(contents)
+
+    def _next_scripted_reply(self) -> str | None:
+        with self._lock:
+            return self._scripted_replies.pop(0) if self._scripted_replies else None
+
+    def reset(self) -> None:
+        """Clear the injected failure, the rejected key suffixes, scripted replies
+        and the record."""
+        with self._lock:
+            self._scripted_replies: list[str] = []
             self._records: list[dict] = []
             self._rejected_suffixes: frozenset[str] = frozenset()
             self._failure: tuple[str, int | None, float] | None = None

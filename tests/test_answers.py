@@ -343,3 +343,41 @@ def test_own_key_quota_has_own_code(api_client, demo, openai_server):
 
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "LLM_KEY_QUOTA_EXHAUSTED"
+
+
+def test_unsupplied_marker_dropped_end_to_end(api_client, demo, openai_server):
+    openai_server.script_replies(
+        '{"answer": "Revenue was 14.2 million [1]. Margins fell [7].", "citations": [1, 7]}'
+    )
+
+    body = ask(api_client, demo, demo.alice).json()
+
+    assert body["outcome"] == "answered"
+    assert [c["index"] for c in body["citations"]] == [1]
+    assert "[7]" not in body["answer"]
+
+
+def test_chunk_cited_twice_listed_once(api_client, demo, openai_server):
+    openai_server.script_replies('{"answer": "A [1]. B [1].", "citations": [1, 1]}')
+
+    body = ask(api_client, demo, demo.alice).json()
+
+    assert [c["index"] for c in body["citations"]] == [1]
+
+
+def test_only_invalid_markers_is_insufficient(api_client, demo, openai_server):
+    openai_server.script_replies('{"answer": "Made up [3].", "citations": [3]}')
+
+    body = ask(api_client, demo, demo.alice).json()
+
+    assert body["outcome"] == "insufficient_context"
+    assert body["citations"] == []
+
+
+def test_plain_text_reply_still_parsed(api_client, demo, openai_server):
+    openai_server.script_replies("Revenue was 14.2 million dollars [1].")
+
+    body = ask(api_client, demo, demo.alice).json()
+
+    assert body["outcome"] == "answered"
+    assert body["answer"] == "Revenue was 14.2 million dollars [1]."
