@@ -61,13 +61,22 @@ def run_once(organization, key, data, compute):
         )
 
     request_fingerprint = fingerprint(data)
-    try:
-        with transaction.atomic():
-            record = IdempotentRequest.objects.create(
-                organization=organization, key=key, fingerprint=request_fingerprint
-            )
-    except IntegrityError:
-        return replay(organization, key, request_fingerprint)
+    record = None
+    # A claim can lose to a request whose row is deleted again right after
+    # (its result was not stored), so try to claim a few times.
+    for _ in range(3):
+        try:
+            with transaction.atomic():
+                record = IdempotentRequest.objects.create(
+                    organization=organization, key=key, fingerprint=request_fingerprint
+                )
+            break
+        except IntegrityError:
+            stored = replay(organization, key, request_fingerprint)
+            if stored is not None:
+                return stored
+    if record is None:
+        raise IdempotencyInProgress(headers={"Retry-After": "1"})
 
     try:
         status, body, headers = compute()
@@ -89,7 +98,10 @@ def run_once(organization, key, data, compute):
 
 
 def replay(organization, key, request_fingerprint):
-    record = IdempotentRequest.objects.get(organization=organization, key=key)
+    """Return the stored response for `key`, or None if its row is gone."""
+    record = IdempotentRequest.objects.filter(organization=organization, key=key).first()
+    if record is None:
+        return None
     if record.fingerprint != request_fingerprint:
         raise IdempotencyKeyReused()
     if record.completed_at is None:

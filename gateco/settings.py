@@ -27,7 +27,8 @@ PRODUCTION = GATECO_ENV == "production"
 
 DATA_DIR = Path(env.str("GATECO_DATA_DIR", default=str(BASE_DIR / "var")))
 if not PRODUCTION:
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    # Owner-only: the folder holds the database, SECRET_KEY and the local KEK.
+    DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def read_or_create_secret_file(path, length):
@@ -61,6 +62,7 @@ if not SECRET_KEY:
     SECRET_KEY = read_or_create_secret_file(DATA_DIR / "secret-key", 50)
 
 DEBUG = env.bool("DEBUG", default=False)
+DEFAULT_EXCEPTION_REPORTER_FILTER = "gateco.reporting.AlwaysSafeExceptionReporterFilter"
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -151,6 +153,14 @@ REST_FRAMEWORK = {
     ],
     "EXCEPTION_HANDLER": "gateco.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # Escape non-ASCII in JSON responses, so an echoed lone surrogate from a
+    # request cannot break the UTF-8 encoding of an error response.
+    "UNICODE_JSON": False,
+    "DEFAULT_PARSER_CLASSES": [
+        "gateco.parsers.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
 }
 
 # Celery: eager without a broker, so the embedded default needs no worker.

@@ -51,21 +51,33 @@ UNVERIFIED_WARNING = (
 
 
 @sensitive_variables("value")
-def replace_llm_api_key(organization, value):
-    """Check a new key with OpenAI, then store it and reset the use count.
+def check_new_llm_api_key(organization, value):
+    """Check a new key with OpenAI; raise LlmKeyRejected if OpenAI rejects it.
 
-    Raises LlmKeyRejected when OpenAI rejects it. Returns the check result.
-    The check runs before the transaction, so no database lock is held while
-    waiting for OpenAI.
+    Call it before opening a transaction, so no lock is held while waiting
+    for OpenAI. Returns the KeyCheck result to store with the key.
     """
     check = llm.check_api_key(value)
     if check == llm.KeyCheck.INVALID:
         logger.info("Rejected a new LLM key for organization %s", organization.pk)
         raise LlmKeyRejected()
+    return check
+
+
+@sensitive_variables("value")
+def store_llm_api_key(organization, value, check):
+    """Store a checked key and reset the use count; call inside a transaction."""
+    set_llm_api_key(organization, value, check_status=check)
+    organization.llm_key_uses = 0
+    organization.save(update_fields=["llm_key_uses"])
+
+
+@sensitive_variables("value")
+def replace_llm_api_key(organization, value):
+    """Check a new key with OpenAI, then store it; return the check result."""
+    check = check_new_llm_api_key(organization, value)
     with transaction.atomic():
-        set_llm_api_key(organization, value, check_status=check)
-        organization.llm_key_uses = 0
-        organization.save(update_fields=["llm_key_uses"])
+        store_llm_api_key(organization, value, check)
     return check
 
 
@@ -80,8 +92,9 @@ class OrganizationSettingsSerializer(serializers.Serializer):
         required=False, write_only=True, trim_whitespace=True, max_length=400
     )
     clear_llm_api_key = serializers.BooleanField(required=False, default=False)
+    # -1 or null removes the cap, as the SDK documents.
     llm_key_query_cap = serializers.IntegerField(
-        required=False, allow_null=True, min_value=-1
+        required=False, allow_null=True, min_value=-1, max_value=1_000_000_000
     )
 
     def validate_llm_api_key(self, value):
@@ -133,6 +146,7 @@ class OrganizationSettingsView(APIView):
     def get(self, request):
         return Response(settings_body(organization_for_request(request)))
 
+    @method_decorator(sensitive_variables())
     def patch(self, request):
         organization = organization_for_request(request)
         require_manager(request)
@@ -140,18 +154,29 @@ class OrganizationSettingsView(APIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
 
+        new_key = data.get("llm_api_key")
         warnings = []
+        if new_key:
+            check = check_new_llm_api_key(organization, new_key)
+            if check == llm.KeyCheck.UNVERIFIED:
+                warnings.append(UNVERIFIED_WARNING)
+
+        # Every change lands in one transaction, so a failure leaves none.
         try:
-            if data.get("llm_api_key"):
-                check = replace_llm_api_key(organization, data["llm_api_key"])
-                if check == llm.KeyCheck.UNVERIFIED:
-                    warnings.append(UNVERIFIED_WARNING)
-            elif data.get("clear_llm_api_key"):
-                remove_llm_api_key(organization)
+            with transaction.atomic():
+                if new_key:
+                    store_llm_api_key(organization, new_key, check)
+                elif data.get("clear_llm_api_key"):
+                    clear_llm_api_key(organization)
+                self.apply_fields(organization, data)
         except SecretUnavailable as error:
             logger.error("%s", error)
             raise KeyServiceFailed() from None
 
+        organization.refresh_from_db()
+        return Response({**settings_body(organization), "warnings": warnings})
+
+    def apply_fields(self, organization, data):
         changed = []
         if "name" in data:
             organization.name = data["name"]
@@ -162,8 +187,6 @@ class OrganizationSettingsView(APIView):
             changed.append("llm_key_query_cap")
         if changed:
             organization.save(update_fields=changed)
-        organization.refresh_from_db()
-        return Response({**settings_body(organization), "warnings": warnings})
 
 
 def require_manager(request):
@@ -177,6 +200,7 @@ def require_manager(request):
 
 @login_required
 @sensitive_post_parameters("llm_api_key")
+@sensitive_variables("form")
 def api_keys_page(request):
     """Organization Settings → API Keys → LLM API Key."""
     membership = membership_for_user(request.user)

@@ -5,6 +5,7 @@ templates and key vault, with no server.
 """
 
 import pytest
+from django.views.decorators.debug import sensitive_variables
 from django.test import Client
 from django.urls import reverse
 from rest_framework.test import APIClient
@@ -534,3 +535,82 @@ def test_outsider_api_patch_own_org(outsider_api_client, demo, other_demo):
 
     assert stored_key(demo.organization) == FIRST_KEY
     assert stored_key(other_demo.organization) == SECOND_KEY
+
+
+@sensitive_variables()
+def patch_with_planted_key(client):
+    """Send a new key that appears in no source line and no visible local."""
+    import uuid
+
+    planted = "sk-" + uuid.uuid4().hex + uuid.uuid4().hex
+    response = client.patch(
+        "/api/organization/settings",
+        {"llm_api_key": planted},
+        content_type="application/json",
+    )
+    return response, planted
+
+
+def test_debug_error_page_hides_new_key(client, owner, openai_server, settings, monkeypatch):
+    from orgs.views import OrganizationSettingsView
+
+    settings.DEBUG = True
+    client.raise_request_exception = False
+    client.force_login(owner)
+
+    def fail(self, organization, data):
+        raise RuntimeError("simulated failure after validation")
+
+    monkeypatch.setattr(OrganizationSettingsView, "apply_fields", fail)
+    response, planted = patch_with_planted_key(client)
+
+    assert response.status_code == 500
+    assert b"simulated failure" in response.content
+    assert planted.encode() not in response.content
+    assert planted[-12:].encode() not in response.content
+
+
+def test_failed_patch_changes_nothing(api_client, demo, openai_server):
+    from keyvault.models import Secret
+
+    response = api_client.patch(
+        "/api/organization/settings",
+        {"llm_api_key": "sk-atomic-check-key-000000000000000000ATM1", "llm_key_query_cap": 2**40},
+        format="json",
+    )
+
+    assert response.status_code == 422
+    assert Secret.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"query": "q", "principal_id": "a", "connector_id": "c", "search_mode": "\\ud800"}',
+        "[" * 5000 + "]" * 5000,
+        '{"a": ' * 100 + "1" + "}" * 100,
+        '{"query": NaN}',
+    ],
+)
+def test_hostile_json_is_422(api_client, demo, body):
+    response = api_client.post(
+        "/api/answers/execute", body, content_type="application/json"
+    )
+
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+@pytest.mark.parametrize(
+    "name", ["GATECO_LOCAL_KEK", "OPENAI_API_KEY", "SECRET_KEY", "GATECO_LOCAL_KEK_PREVIOUS"]
+)
+def test_error_report_masks_secret_settings(settings, name):
+    from gateco.reporting import AlwaysSafeExceptionReporterFilter
+
+    settings.DEBUG = True
+    settings.OPENAI_API_KEY = "sk-settings-canary-0000000000000000000SET1"
+    settings.GATECO_LOCAL_KEK_PREVIOUS = ["b2xkLWtlay1jYW5hcnk="]
+
+    safe = AlwaysSafeExceptionReporterFilter().get_safe_settings()
+
+    assert safe[name] == AlwaysSafeExceptionReporterFilter.cleansed_substitute
