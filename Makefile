@@ -12,3 +12,4 @@ test:
 bench:
 	./scripts/venv requirements-dev.txt
 	.venv/bin/python bench/kms_calls.py
+	.venv/bin/python bench/retrieval.py

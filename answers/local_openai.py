@@ -327,6 +327,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_any_method(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
+        # A request still running when reset() is called belongs to the state
+        # before it: it neither takes a scripted reply nor adds to the record.
+        self.generation = self.server.owner._generation
         self.record = {"method": self.command, "path": path, "key_last4": None}
         self.record.update(model=None, messages=None, time=time.time())
         try:
@@ -343,7 +346,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         # Record and log before sending, so a client that has its response finds both.
         # The log omits the query string in case a client put a secret there.
         if path.startswith("/v1/"):
-            self.server.owner._append_record({**self.record, "status": status})
+            self.server.owner._append_record(
+                {**self.record, "status": status}, self.generation
+            )
         last_four = self.record["key_last4"]
         key_text = f"...{last_four}" if last_four else "-"
         logger.info("%s %s %d key=%s", self.command, path, status, key_text)
@@ -375,9 +380,11 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             self.record["model"] = body.get("model")
             if path == "/v1/chat/completions":
                 self.record["messages"] = body.get("messages")
+        scripted = None
+        if path == "/v1/chat/completions":
+            scripted = owner._next_scripted_reply(self.generation)
         owner._apply_failure()
         response = endpoint(body)
-        scripted = owner._next_scripted_reply() if path == "/v1/chat/completions" else None
         if scripted is not None:
             response["choices"][0]["message"]["content"] = scripted
         return response
@@ -558,14 +565,17 @@ class LocalOpenAIServer:
         with self._lock:
             self._scripted_replies.extend(contents)
 
-    def _next_scripted_reply(self) -> str | None:
+    def _next_scripted_reply(self, generation: int) -> str | None:
         with self._lock:
-            return self._scripted_replies.pop(0) if self._scripted_replies else None
+            if generation != self._generation or not self._scripted_replies:
+                return None
+            return self._scripted_replies.pop(0)
 
     def reset(self) -> None:
         """Clear the injected failure, the rejected key suffixes, scripted replies
         and the record."""
         with self._lock:
+            self._generation = getattr(self, "_generation", 0) + 1
             self._scripted_replies: list[str] = []
             self._records: list[dict] = []
             self._rejected_suffixes: frozenset[str] = frozenset()
@@ -583,9 +593,10 @@ class LocalOpenAIServer:
             self.reset()
         return {"status": "ok"}
 
-    def _append_record(self, record: dict) -> None:
+    def _append_record(self, record: dict, generation: int) -> None:
         with self._lock:
-            self._records.append(record)
+            if generation == self._generation:
+                self._records.append(record)
 
     def _is_rejected(self, key: str) -> bool:
         with self._lock:

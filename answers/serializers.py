@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
-from retrieval.search import SEARCH_MODES
+from gateco.errors import ValidationFailed
+from retrieval.search import validate_search_mode
 
 
 class AnswerRequestSerializer(serializers.Serializer):
@@ -8,9 +9,16 @@ class AnswerRequestSerializer(serializers.Serializer):
     principal_id = serializers.CharField(max_length=200)
     connector_id = serializers.CharField(max_length=200)
     top_k = serializers.IntegerField(min_value=1, max_value=50, default=5)
-    search_mode = serializers.ChoiceField(choices=SEARCH_MODES, default="keyword")
+    search_mode = serializers.CharField(max_length=20, default="keyword")
     filters = serializers.DictField(required=False)
     alpha = serializers.FloatField(required=False, min_value=0.0, max_value=1.0)
+
+    def validate_search_mode(self, value):
+        try:
+            validate_search_mode(value)
+        except ValidationFailed as error:
+            raise serializers.ValidationError(error.message) from None
+        return value
 
     def validate_filters(self, value):
         # NOTE: metadata filters are not applied yet, so a non-empty filter is

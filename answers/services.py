@@ -83,19 +83,35 @@ def chunk_result(scored):
 
 
 class AnswerRequest:
-    def __init__(self, *, organization, principal, connector, query, top_k, search_mode, actor):
+    def __init__(
+        self,
+        *,
+        organization,
+        principal,
+        connector,
+        query,
+        top_k,
+        search_mode,
+        actor,
+        alpha=None,
+    ):
         self.organization = organization
         self.principal = principal
         self.connector = connector
         self.query = query
         self.top_k = top_k
         self.search_mode = search_mode
+        self.alpha = alpha
         self.actor = actor
         self.started = time.perf_counter()
 
 
 def execute_answer(request):
-    """Return the answer body for `request`, or raise an ApiError."""
+    """Return the answer body for `request`, or raise an ApiError.
+
+    The retrieval it runs is a secured retrieval like any other: it is audited
+    and counts toward the free tier's monthly retrievals.
+    """
     retrieval = execute_retrieval(
         request.organization,
         request.principal,
@@ -103,6 +119,8 @@ def execute_answer(request):
         request.query,
         request.top_k,
         request.search_mode,
+        alpha=request.alpha,
+        actor=request.actor,
     )
     body = _base_body(request, retrieval)
     audit = AnswerAudit(
@@ -232,7 +250,8 @@ def _base_body(request, retrieval):
             "candidates_fetched": retrieval.candidates,
             "candidates_allowed": len(retrieval.allowed),
             "candidates_denied": len(retrieval.denied),
-            "refill_rounds": 0,
+            "refill_rounds": retrieval.refill_rounds,
+            "search_mode": retrieval.search_mode,
             "policies_evaluated": retrieval.policies_evaluated,
             "active_denial_reasons": sorted({c.reason for c in retrieval.denied if c.reason}),
             "outcome_detail": "",

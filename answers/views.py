@@ -14,8 +14,9 @@ class ExecuteAnswerView(APIView):
     """Answer a principal's question from the chunks that principal may read.
 
     POST `query`, `principal_id`, `connector_id`, and optionally `top_k`
-    (1 to 50, default 5) and `search_mode` (`keyword`). An `Idempotency-Key`
-    header makes retries safe: the same key returns the first result.
+    (1 to 50, default 5), `search_mode` (`keyword`, `vector` or `hybrid`) and
+    `alpha` (hybrid weight, 0 to 1). An `Idempotency-Key` header makes retries
+    safe: the same key returns the first result.
     """
 
     serializer_class = AnswerRequestSerializer
@@ -35,6 +36,7 @@ class ExecuteAnswerView(APIView):
                     query=data["query"],
                     top_k=data["top_k"],
                     search_mode=data["search_mode"],
+                    alpha=data.get("alpha"),
                     actor=actor_label(request),
                 )
                 return 200, execute_answer(answer_request), {}

@@ -39,6 +39,32 @@ class ValidationFailed(ApiError):
     default_message = "The request is invalid."
 
 
+class EntitlementRequired(ApiError):
+    """The organization's plan lacks a feature or has used up a quota.
+
+    `reason` and `upgrade_to` go inside the `error` object, where the `gateco`
+    SDK's EntitlementError reads them.
+    """
+
+    status_code = status.HTTP_403_FORBIDDEN
+    code = "ENTITLEMENT_REQUIRED"
+    default_message = "Your plan does not include this."
+    FEATURE = "feature_not_in_plan"
+    LIMIT = "resource_limit_reached"
+
+    def __init__(self, message=None, *, reason, upgrade_to=None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.reason = reason
+        self.upgrade_to = upgrade_to
+
+    def body(self):
+        body = super().body()
+        body["error"]["reason"] = self.reason
+        if self.upgrade_to:
+            body["error"]["upgrade_to"] = self.upgrade_to
+        return body
+
+
 class NotFound(ApiError):
     status_code = status.HTTP_404_NOT_FOUND
     code = "RESOURCE_NOT_FOUND"

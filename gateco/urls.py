@@ -13,6 +13,7 @@ api_patterns = [
         OrganizationSettingsView.as_view(),
         name="organization-settings",
     ),
+    path("", include("retrieval.urls")),
 ]
 
 urlpatterns = [

@@ -39,9 +39,13 @@ def membership_for_user(user):
     )
 
 
-def get_owned_or_404(queryset, organization, **lookup):
-    """Fetch one row of `organization`; outsiders get 404, never 403."""
-    obj = queryset.filter(organization=organization, **lookup).first()
+def get_owned_or_404(queryset, organization, *, via="organization", **lookup):
+    """Fetch one row of `organization`; outsiders get 404, never 403.
+
+    `via` is the lookup path from the row to its organization, such as
+    "connector__organization" for a row that belongs to a connector.
+    """
+    obj = queryset.filter(**{via: organization}, **lookup).first()
     if obj is None:
         raise Http404
     return obj

@@ -1,5 +1,6 @@
 import uuid
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
@@ -204,6 +205,15 @@ class Policy(models.Model):
 
     def __str__(self):
         return self.name
+
+    def clean(self):
+        # Imported here because the policy engine imports these models.
+        from .policy import PolicyDefinitionError, validate_policy
+
+        try:
+            validate_policy(self.rules, self.resource_selectors, self.effect)
+        except PolicyDefinitionError as error:
+            raise ValidationError({error.field: str(error)}) from None
 
 
 class Retrieval(models.Model):

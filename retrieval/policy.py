@@ -1,35 +1,126 @@
 """Policy evaluation: deny by default, deny overrides allow, fail closed.
 
-A decision is made per resource. Any error while evaluating (an unknown field,
-a missing principal attribute, a malformed rule) raises PolicyEvaluationError,
-and the caller denies the whole retrieval rather than guess.
+A policy applies to the resources its `resource_selectors` pick (every
+resource when the list is empty). Each rule is `{"conditions": [...],
+"effect"?, "priority"?, "description"?, "id"?}`: it matches when all of its
+conditions hold, and a rule without an effect takes the policy's effect.
+
+For one principal and one resource, the rules of every applicable active
+policy are evaluated together in priority order (highest first, ties broken by
+policy order, then rule order). The first matching deny rule denies. Otherwise
+the first matching allow rule allows. Otherwise the resource is denied.
+
+Any error while evaluating (a missing principal attribute, a malformed stored
+rule, a value of the wrong type, the time budget running out) raises
+PolicyEvaluationError, and the caller denies the whole retrieval rather than
+guess.
 """
 
 import re
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .models import Classification, Effect, PrincipalStatus
+from django.db import DatabaseError, connection, transaction
 
+from .models import (
+    Classification,
+    Effect,
+    Policy,
+    PolicyStatus,
+    PrincipalStatus,
+    Relationship,
+    Sensitivity,
+)
+
+# Each scale lists its levels from lowest to highest; lte and gte compare
+# positions within one scale. The two scales share no level name.
+LEVEL_SCALES = (
+    tuple(Classification.values),
+    tuple(Sensitivity.values),
+)
 LEVELS = {
-    Classification.PUBLIC: 0,
-    Classification.INTERNAL: 1,
-    Classification.CONFIDENTIAL: 2,
-    Classification.RESTRICTED: 3,
+    level: position for scale in LEVEL_SCALES for position, level in enumerate(scale)
 }
 OPERATORS = frozenset({"eq", "ne", "in", "contains", "lte", "gte"})
 RESOURCE_FIELDS = frozenset(
-    {"classification", "labels", "owner", "title", "external_id"}
+    {
+        "classification",
+        "sensitivity",
+        "domain",
+        "labels",
+        "owner",
+        "external_id",
+        "title",
+    }
 )
+RESOURCE_LEVEL_FIELDS = {
+    "classification": tuple(Classification.values),
+    "sensitivity": tuple(Sensitivity.values),
+}
 PRINCIPAL_BUILTIN_FIELDS = frozenset({"id", "external_id", "email", "roles", "groups"})
-TEMPLATE = re.compile(r"^\{\{\s*(principal\.[A-Za-z0-9_]+)\s*\}\}$")
+RULE_KEYS = frozenset({"conditions", "effect", "priority", "description", "id"})
+CONDITION_KEYS = frozenset({"field", "operator", "value"})
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,100}")
+RELATION_NAME_PATTERN = re.compile(r"[A-Za-z0-9_:-]{1,100}")
+TEMPLATE = re.compile(r"^\{\{\s*([A-Za-z0-9_.:-]+)\s*\}\}$")
+MAX_PRIORITY = 1_000_000
+FIELD_HELP = (
+    "use resource.<classification|sensitivity|domain|labels|owner|external_id|"
+    "title>, principal.<id|external_id|email|roles|groups>, "
+    "principal.attributes.<name>, principal.<name> or relation.<name>"
+)
 
 
 class PolicyEvaluationError(Exception):
-    """A policy could not be evaluated; the retrieval must be denied."""
+    """A policy could not be evaluated, so the retrieval must be denied.
+
+    `code` is the stable code reported to the client.
+    """
+
+    def __init__(self, message, code="POLICY_EVALUATION_FAILED"):
+        super().__init__(message)
+        self.code = code
 
 
 class PolicyDefinitionError(ValueError):
-    """A policy's rules are malformed; it is rejected when saved."""
+    """A policy's rules or selectors are malformed; it is rejected when saved.
+
+    `field` names the policy field at fault: "rules" or "resource_selectors".
+    """
+
+    def __init__(self, message, field="rules"):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class FieldRef:
+    """A parsed field name. `side` is resource, principal, attribute or relation."""
+
+    side: str
+    key: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Condition:
+    field: FieldRef
+    operator: str
+    value: object
+    # Set when the value is a `{{side.field}}` reference instead of a literal.
+    reference: FieldRef | None = None
+
+
+@dataclass
+class CompiledRule:
+    policy: Policy
+    policy_position: int
+    rule_position: int
+    effect: str
+    priority: int
+    conditions: list
 
 
 @dataclass
@@ -40,144 +131,464 @@ class Decision:
     matched: list = field(default_factory=list)
 
 
-def validate_rules(rules):
-    """Raise PolicyDefinitionError naming the first malformed part of `rules`."""
+# SQLite lets one transaction write at a time anyway, and in the shared-cache
+# in-memory database of the test suite a second writer fails at once with
+# "database table is locked" instead of waiting. So this process runs its
+# retrieval transactions on SQLite one at a time. PostgreSQL needs no lock.
+_sqlite_write_lock = threading.Lock()
+
+
+@contextmanager
+def atomic():
+    """Run the block in `transaction.atomic()`, one thread at a time on SQLite."""
+    if connection.vendor == "sqlite":
+        with _sqlite_write_lock, transaction.atomic():
+            yield
+    else:
+        with transaction.atomic():
+            yield
+
+
+# --- definitions: parsing and validation -------------------------------------
+
+
+def parse_field(name):
+    """Return the FieldRef for a condition's field, or raise PolicyDefinitionError."""
+    if not isinstance(name, str):
+        raise PolicyDefinitionError(f"field {name!r} is not a string; {FIELD_HELP}.")
+    side, _, key = name.partition(".")
+    if side == "resource" and key in RESOURCE_FIELDS:
+        return FieldRef("resource", key, name)
+    if side == "relation" and RELATION_NAME_PATTERN.fullmatch(key):
+        return FieldRef("relation", key, name)
+    if side == "principal":
+        if key in PRINCIPAL_BUILTIN_FIELDS:
+            return FieldRef("principal", key, name)
+        prefix, _, attribute = key.partition(".")
+        if prefix == "attributes" and NAME_PATTERN.fullmatch(attribute):
+            return FieldRef("attribute", attribute, name)
+        if key != "attributes" and NAME_PATTERN.fullmatch(key):
+            return FieldRef("attribute", key, name)
+    raise PolicyDefinitionError(f"unknown field {name!r}; {FIELD_HELP}.")
+
+
+def compile_condition(condition, where, *, resource_only=False):
+    """Return the Condition for one stored condition, or raise PolicyDefinitionError.
+
+    `where` names the condition's place in messages, such as "rule 2".
+    """
+    if not isinstance(condition, dict) or set(condition) != CONDITION_KEYS:
+        raise PolicyDefinitionError(
+            f"{where}: each condition is an object with exactly 'field', "
+            "'operator' and 'value'."
+        )
+    try:
+        field_ref = parse_field(condition["field"])
+    except PolicyDefinitionError as error:
+        raise PolicyDefinitionError(f"{where}: {error}") from None
+    if resource_only and field_ref.side != "resource":
+        raise PolicyDefinitionError(
+            f"{where}: a resource selector must name a resource.<field>, not "
+            f"{field_ref.name!r}."
+        )
+    operator = condition["operator"]
+    if operator not in OPERATORS:
+        raise PolicyDefinitionError(
+            f"{where}: unknown operator {operator!r}; use one of "
+            f"{', '.join(sorted(OPERATORS))}."
+        )
+
+    value = condition["value"]
+    reference = None
+    if isinstance(value, str) and "{{" in value:
+        match = TEMPLATE.match(value)
+        try:
+            reference = parse_field(match.group(1)) if match else None
+        except PolicyDefinitionError:
+            reference = None
+        if reference is None or reference.side == "relation":
+            raise PolicyDefinitionError(
+                f"{where}: value {value!r} is not a valid reference; use "
+                "{{principal.<name>}} or {{resource.<field>}}."
+            )
+    compiled = Condition(field_ref, operator, value, reference)
+    _check_literal_types(compiled, where)
+    return compiled
+
+
+def _check_literal_types(condition, where):
+    """Reject operator and value combinations that can never be evaluated."""
+    field_ref, operator, value = condition.field, condition.operator, condition.value
+    literal = condition.reference is None
+    if field_ref.side == "relation":
+        if operator not in ("eq", "ne") or not (literal and isinstance(value, bool)):
+            raise PolicyDefinitionError(
+                f"{where}: {field_ref.name} is true or false; compare it with eq or "
+                "ne and the value true or false."
+            )
+        return
+    if operator == "in" and literal and not isinstance(value, list):
+        raise PolicyDefinitionError(
+            f'{where}: \'in\' needs a list value, such as ["a", "b"].'
+        )
+    if operator == "contains" and literal and isinstance(value, (list, dict)):
+        raise PolicyDefinitionError(
+            f"{where}: 'contains' takes one value; use 'in' to match any of several."
+        )
+    if operator in ("lte", "gte"):
+        if field_ref.side == "resource" and field_ref.key not in RESOURCE_LEVEL_FIELDS:
+            raise PolicyDefinitionError(
+                f"{where}: '{operator}' compares levels, and {field_ref.name} is not "
+                "resource.classification or resource.sensitivity."
+            )
+        if field_ref.side == "principal":
+            raise PolicyDefinitionError(
+                f"{where}: '{operator}' compares levels, and {field_ref.name} is not "
+                "a level."
+            )
+        if literal:
+            scale = RESOURCE_LEVEL_FIELDS.get(field_ref.key)
+            allowed_levels = scale if field_ref.side == "resource" else tuple(LEVELS)
+            if value not in allowed_levels:
+                raise PolicyDefinitionError(
+                    f"{where}: {value!r} is not a level for {field_ref.name}; use one "
+                    f"of {', '.join(allowed_levels)}."
+                )
+
+
+def compile_rules(rules, policy_effect=None):
+    """Return `[(effect, priority, [Condition])]` for `rules`, or raise.
+
+    A rule's effect defaults to `policy_effect`. Raises PolicyDefinitionError
+    naming the first malformed part.
+    """
     if not isinstance(rules, list) or not rules:
         raise PolicyDefinitionError("rules must be a non-empty list of rules.")
+    compiled = []
     for rule_number, rule in enumerate(rules, start=1):
-        conditions = rule.get("conditions") if isinstance(rule, dict) else None
+        where = f"rule {rule_number}"
+        if not isinstance(rule, dict):
+            raise PolicyDefinitionError(
+                f"{where} must be an object with a 'conditions' list."
+            )
+        unknown = set(rule) - RULE_KEYS
+        if unknown:
+            raise PolicyDefinitionError(
+                f"{where} has unknown keys {sorted(unknown)}; a rule contains "
+                f"{', '.join(sorted(RULE_KEYS))}."
+            )
+        conditions = rule.get("conditions")
         if not isinstance(conditions, list) or not conditions:
+            raise PolicyDefinitionError(f"{where} needs a non-empty 'conditions' list.")
+        effect = rule.get("effect", policy_effect)
+        if "effect" in rule and effect not in Effect.values:
             raise PolicyDefinitionError(
-                f"rule {rule_number} needs a non-empty 'conditions' list."
+                f"{where}: effect {rule['effect']!r} is invalid; use allow or deny."
             )
-        # A rule has no effect or negation of its own, so any other key is a
-        # mistake that would otherwise be ignored.
-        if set(rule) != {"conditions"}:
+        priority = rule.get("priority", 0)
+        if (
+            not isinstance(priority, int)
+            or isinstance(priority, bool)
+            or abs(priority) > MAX_PRIORITY
+        ):
             raise PolicyDefinitionError(
-                f"rule {rule_number} has unknown keys "
-                f"{sorted(set(rule) - {'conditions'})}; a rule contains only "
-                "'conditions'."
+                f"{where}: priority {priority!r} is invalid; use a whole number "
+                f"between -{MAX_PRIORITY} and {MAX_PRIORITY}."
             )
-        for condition in conditions:
-            _validate_condition(rule_number, condition)
+        for key in ("description", "id"):
+            if key in rule and not isinstance(rule[key], (str, type(None))):
+                raise PolicyDefinitionError(f"{where}: {key} must be a string.")
+        compiled.append(
+            (
+                effect,
+                priority,
+                [compile_condition(condition, where) for condition in conditions],
+            )
+        )
+    return compiled
 
 
-def _validate_condition(rule_number, condition):
-    if not isinstance(condition, dict) or set(condition) != {
-        "field",
-        "operator",
-        "value",
-    }:
+def compile_selectors(selectors):
+    """Return the Conditions of `resource_selectors`, or raise PolicyDefinitionError."""
+    if not isinstance(selectors, list):
         raise PolicyDefinitionError(
-            f"rule {rule_number}: each condition is an object with exactly "
-            "'field', 'operator' and 'value'."
+            "resource_selectors must be a list of conditions.",
+            field="resource_selectors",
         )
-    field_name = condition["field"]
-    if not _is_known_field(field_name):
-        raise PolicyDefinitionError(
-            f"rule {rule_number}: unknown field {field_name!r}; use resource.<"
-            f"{'|'.join(sorted(RESOURCE_FIELDS))}> or principal.<name>."
-        )
-    if condition["operator"] not in OPERATORS:
-        raise PolicyDefinitionError(
-            f"rule {rule_number}: unknown operator {condition['operator']!r}; use "
-            f"one of {', '.join(sorted(OPERATORS))}."
-        )
-    value = condition["value"]
-    if isinstance(value, str) and "{{" in value and not TEMPLATE.match(value):
-        raise PolicyDefinitionError(
-            f"rule {rule_number}: value {value!r} is not a valid "
-            "{{principal.<name>}} reference."
-        )
+    try:
+        return [
+            compile_condition(selector, f"selector {number}", resource_only=True)
+            for number, selector in enumerate(selectors, start=1)
+        ]
+    except PolicyDefinitionError as error:
+        raise PolicyDefinitionError(str(error), field="resource_selectors") from None
 
 
-def _is_known_field(name):
-    if not isinstance(name, str):
-        return False
-    side, _, attribute = name.partition(".")
-    if side == "resource":
-        return attribute in RESOURCE_FIELDS
-    return side == "principal" and bool(re.fullmatch(r"[A-Za-z0-9_]+", attribute))
+def validate_rules(rules):
+    """Raise PolicyDefinitionError naming the first malformed part of `rules`."""
+    compile_rules(rules)
+
+
+def validate_policy(rules, resource_selectors, effect):
+    """Raise PolicyDefinitionError if a policy with these parts cannot be saved."""
+    if effect not in Effect.values:
+        raise PolicyDefinitionError(
+            f"effect {effect!r} is invalid; use allow or deny.", field="effect"
+        )
+    compile_rules(rules, effect)
+    compile_selectors(resource_selectors)
+
+
+def uses_relations(policies):
+    """Return True if any condition of `policies` reads relation.<name>."""
+    for policy in policies:
+        for rule in policy.rules if isinstance(policy.rules, list) else []:
+            conditions = rule.get("conditions") if isinstance(rule, dict) else None
+            for condition in conditions if isinstance(conditions, list) else []:
+                name = condition.get("field") if isinstance(condition, dict) else None
+                if isinstance(name, str) and name.startswith("relation."):
+                    return True
+    return False
+
+
+# --- facts ---------------------------------------------------------------------
+
+
+class MetadataUnresolved(Exception):
+    """A resource's stored metadata is missing or outside its allowed values."""
 
 
 def principal_facts(principal):
-    facts = {
+    return {
         "id": str(principal.id),
         "external_id": principal.external_id,
         "email": principal.email,
         "roles": list(principal.roles),
         "groups": list(principal.groups),
     }
-    for key, value in principal.attributes.items():
-        facts.setdefault(key, value)
-    return facts
 
 
 def resource_facts(resource):
+    """Return the policy facts of `resource`, or raise MetadataUnresolved."""
+    if resource is None:
+        raise MetadataUnresolved("the chunk has no resource")
+    if resource.classification not in Classification.values:
+        raise MetadataUnresolved(f"classification {resource.classification!r}")
+    if resource.sensitivity not in Sensitivity.values:
+        raise MetadataUnresolved(f"sensitivity {resource.sensitivity!r}")
+    labels = resource.labels
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise MetadataUnresolved("labels are not a list of strings")
     return {
         "classification": resource.classification,
-        "labels": list(resource.labels),
+        "sensitivity": resource.sensitivity,
+        "domain": resource.domain,
+        "labels": list(labels),
         "owner": resource.owner.external_id if resource.owner_id else None,
         "title": resource.title,
         "external_id": resource.external_id,
     }
 
 
-def decide(policies, principal, resource):
-    """Return the Decision for one principal on one resource.
+# --- evaluation ------------------------------------------------------------------
 
-    `policies` are the organization's active policies. Raises
-    PolicyEvaluationError when any condition cannot be evaluated.
+
+class PolicyEvaluator:
+    """Decides one principal's access to resources under a fixed set of policies.
+
+    Build it once per request: the policies and the principal's relationships
+    are read when it is built, so a change to either takes effect on the next
+    request. `budget_ms` caps the total time spent in `decide`; None means no
+    cap, and 0 fails the first decision.
     """
-    if principal.status != PrincipalStatus.ACTIVE:
-        return Decision(False, "principal_inactive")
 
-    subject = principal_facts(principal)
-    target = resource_facts(resource)
-    allowed_by = None
-    for policy in policies:
-        if not _policy_matches(policy, subject, target):
-            continue
-        if policy.effect == Effect.DENY:
-            return Decision(False, "policy_denied", str(policy.id))
-        allowed_by = allowed_by or str(policy.id)
-
-    if allowed_by:
-        return Decision(True, "policy_allowed", allowed_by)
-    return Decision(False, "no_matching_policy")
-
-
-def _policy_matches(policy, subject, target):
-    try:
-        return any(
-            all(_holds(condition, subject, target) for condition in rule["conditions"])
-            for rule in policy.rules
+    def __init__(self, policies, principal, relations=None, budget_ms=None):
+        self.principal = principal
+        self.policies = sorted(
+            policies, key=lambda policy: (policy.created_at, str(policy.id))
         )
-    except PolicyEvaluationError as error:
-        raise PolicyEvaluationError(f"policy {policy.id}: {error}") from None
-    except (KeyError, TypeError, AttributeError) as error:
-        raise PolicyEvaluationError(
-            f"policy {policy.id} is malformed: {type(error).__name__}"
-        ) from None
+        self.relations = relations if relations is not None else {}
+        self.budget_seconds = None if budget_ms is None else budget_ms / 1000
+        self.spent_seconds = 0.0
+        self.subject = principal_facts(principal)
+        self.attributes = principal.attributes
+        if not isinstance(self.attributes, dict):
+            raise PolicyEvaluationError(
+                f"principal {principal.pk} has attributes that are not an object"
+            )
+        self.selectors = {}
+        self.rules = []
+        self.stats = {
+            policy.id: {"allowed": 0, "denied": 0, "seconds": 0.0}
+            for policy in self.policies
+        }
+        for position, policy in enumerate(self.policies):
+            self._compile(policy, position)
+        self.rules.sort(
+            key=lambda rule: (-rule.priority, rule.policy_position, rule.rule_position)
+        )
+
+    @classmethod
+    def load(cls, organization, principal, budget_ms=None):
+        """Read the organization's active policies and the principal's relationships.
+
+        Raises PolicyEvaluationError when the store fails or a stored policy
+        is invalid.
+        """
+        try:
+            # A savepoint, so a failed read leaves an outer transaction usable.
+            with atomic():
+                policies = list(
+                    Policy.objects.filter(
+                        organization=organization, status=PolicyStatus.ACTIVE
+                    ).order_by("created_at", "id")
+                )
+                relations = {}
+                if uses_relations(policies):
+                    relations = load_relations(organization, principal)
+        except (DatabaseError, ValueError, TypeError) as error:
+            raise PolicyEvaluationError(
+                f"reading policies failed: {type(error).__name__}: {error}",
+                code="POLICY_STORE_FAILED",
+            ) from None
+        return cls(policies, principal, relations, budget_ms=budget_ms)
+
+    def _compile(self, policy, position):
+        try:
+            self.selectors[policy.id] = compile_selectors(policy.resource_selectors)
+            compiled = compile_rules(policy.rules, policy.effect)
+            if policy.effect not in Effect.values:
+                raise PolicyDefinitionError(f"effect {policy.effect!r} is invalid")
+        except PolicyDefinitionError as error:
+            raise PolicyEvaluationError(
+                f"policy {policy.id} ({policy.name}) is invalid: {error}"
+            ) from None
+        for rule_position, (effect, priority, conditions) in enumerate(compiled):
+            self.rules.append(
+                CompiledRule(
+                    policy, position, rule_position, effect, priority, conditions
+                )
+            )
+
+    def decide(self, resource):
+        """Return the Decision for the principal on `resource`, or raise."""
+        if self.principal.status != PrincipalStatus.ACTIVE:
+            return Decision(False, "principal_inactive")
+        try:
+            target = resource_facts(resource)
+        except MetadataUnresolved:
+            return Decision(False, "metadata_unresolved")
+
+        started = time.perf_counter()
+        try:
+            return self._decide(resource, target, started)
+        finally:
+            self.spent_seconds += time.perf_counter() - started
+
+    def _decide(self, resource, target, started):
+        self._check_budget(started)
+        relations = self.relations.get(resource.pk, frozenset())
+        applicable = set()
+        for policy in self.policies:
+            if self._all_hold(policy, self.selectors[policy.id], target, relations):
+                applicable.add(policy.id)
+
+        allowed_by, matched = None, []
+        for rule in self.rules:
+            if rule.policy.id not in applicable:
+                continue
+            self._check_budget(started)
+            if not self._all_hold(rule.policy, rule.conditions, target, relations):
+                continue
+            matched.append(str(rule.policy.id))
+            if rule.effect == Effect.DENY:
+                self.stats[rule.policy.id]["denied"] += 1
+                return Decision(False, "policy_denied", str(rule.policy.id), matched)
+            allowed_by = allowed_by or rule.policy
+
+        if allowed_by is not None:
+            self.stats[allowed_by.id]["allowed"] += 1
+            return Decision(True, "policy_allowed", str(allowed_by.id), matched)
+        return Decision(False, "no_matching_policy")
+
+    def _check_budget(self, started):
+        if self.budget_seconds is None:
+            return
+        spent = self.spent_seconds + time.perf_counter() - started
+        if spent >= self.budget_seconds:
+            raise PolicyEvaluationError(
+                f"policy evaluation ran past its time budget of "
+                f"{self.budget_seconds * 1000:g} ms",
+                code="POLICY_TIME_BUDGET_EXCEEDED",
+            )
+
+    def _all_hold(self, policy, conditions, target, relations):
+        started = time.perf_counter()
+        try:
+            return all(
+                self._holds(condition, target, relations) for condition in conditions
+            )
+        except PolicyEvaluationError as error:
+            raise PolicyEvaluationError(
+                f"policy {policy.id} ({policy.name}): {error}", code=error.code
+            ) from None
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise PolicyEvaluationError(
+                f"policy {policy.id} ({policy.name}) failed: {type(error).__name__}: "
+                f"{error}"
+            ) from None
+        finally:
+            self.stats[policy.id]["seconds"] += time.perf_counter() - started
+
+    def _lookup(self, field_ref, target, relations):
+        if field_ref.side == "resource":
+            return target[field_ref.key]
+        if field_ref.side == "principal":
+            return self.subject[field_ref.key]
+        if field_ref.side == "relation":
+            return field_ref.key in relations
+        if field_ref.key not in self.attributes:
+            raise PolicyEvaluationError(
+                f"{field_ref.name} is not available: principal "
+                f"{self.principal.external_id!r} has no attribute {field_ref.key!r}"
+            )
+        return self.attributes[field_ref.key]
+
+    def _holds(self, condition, target, relations):
+        left = self._lookup(condition.field, target, relations)
+        right = condition.value
+        if condition.reference is not None:
+            right = self._lookup(condition.reference, target, relations)
+        return compare(condition.operator, left, right)
+
+    def trace(self):
+        """Return one entry per policy: what it decided across every decision."""
+        entries = []
+        for policy in self.policies:
+            stats = self.stats[policy.id]
+            if stats["denied"]:
+                decision = "deny"
+            elif stats["allowed"]:
+                decision = "allow"
+            else:
+                decision = "no_match"
+            entries.append(
+                {
+                    "policy_id": str(policy.id),
+                    "policy_name": policy.name,
+                    "decision": decision,
+                    "reason": (
+                        f"decided {stats['allowed']} resource(s) allowed and "
+                        f"{stats['denied']} denied"
+                    ),
+                    "duration_ms": round(stats["seconds"] * 1000, 3),
+                }
+            )
+        return entries
 
 
-def _lookup(field_name, subject, target):
-    side, _, attribute = field_name.partition(".")
-    facts = {"principal": subject, "resource": target}.get(side)
-    if facts is None or attribute not in facts:
-        raise PolicyEvaluationError(f"{field_name} is not available")
-    return facts[attribute]
-
-
-def _holds(condition, subject, target):
-    left = _lookup(condition["field"], subject, target)
-    right = condition["value"]
-    if isinstance(right, str):
-        reference = TEMPLATE.match(right)
-        if reference:
-            right = _lookup(reference.group(1), subject, target)
-
-    operator = condition["operator"]
+def compare(operator, left, right):
+    """Apply `operator` to two values, or raise PolicyEvaluationError."""
     if operator == "eq":
         return left == right
     if operator == "ne":
@@ -189,18 +600,52 @@ def _holds(condition, subject, target):
             return any(item in right for item in left)
         return left in right
     if operator == "contains":
-        if not isinstance(left, (list, str)):
-            raise PolicyEvaluationError("'contains' needs a list or text field")
-        return right in left
+        if isinstance(right, (list, dict)):
+            raise PolicyEvaluationError("'contains' takes one value, not a list")
+        if isinstance(left, list):
+            return right in left
+        if isinstance(left, str) and isinstance(right, str):
+            return right in left
+        raise PolicyEvaluationError(
+            f"'contains' needs a list or text field and a text value, not "
+            f"{type(left).__name__} and {type(right).__name__}"
+        )
     if operator in ("lte", "gte"):
-        left_level, right_level = _level(left), _level(right)
+        left_level, right_level = _levels(left, right)
         if operator == "lte":
             return left_level <= right_level
         return left_level >= right_level
     raise PolicyEvaluationError(f"unknown operator {operator!r}")
 
 
-def _level(value):
-    if value not in LEVELS:
-        raise PolicyEvaluationError(f"{value!r} is not a classification level")
-    return LEVELS[value]
+def _levels(left, right):
+    for scale in LEVEL_SCALES:
+        if left in scale and right in scale:
+            return scale.index(left), scale.index(right)
+    raise PolicyEvaluationError(
+        f"{left!r} and {right!r} are not levels of one scale (classification: "
+        f"{', '.join(LEVEL_SCALES[0])}; sensitivity: {', '.join(LEVEL_SCALES[1])})"
+    )
+
+
+def load_relations(organization, principal):
+    """Return `{resource_id: frozenset(relation names)}` held by `principal`."""
+    relations = {}
+    rows = Relationship.objects.filter(
+        organization=organization, subject=principal
+    ).values_list("object_id", "relation_name")
+    for resource_id, name in rows:
+        relations.setdefault(resource_id, set()).add(name)
+    return {resource_id: frozenset(names) for resource_id, names in relations.items()}
+
+
+def decide(policies, principal, resource, relations=None):
+    """Return the Decision for one principal on one resource.
+
+    `policies` are the organization's active policies. Relationships are read
+    from the database when any policy uses relation.<name> and `relations` is
+    None. Raises PolicyEvaluationError when any condition cannot be evaluated.
+    """
+    if relations is None and uses_relations(policies):
+        relations = load_relations(principal.organization_id, principal)
+    return PolicyEvaluator(policies, principal, relations).decide(resource)

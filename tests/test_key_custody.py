@@ -21,7 +21,7 @@ from keyvault.vault import (
 )
 from orgs.models import ApiKey, Organization
 
-from .helpers import make_user
+from .helpers import require_postgresql
 
 pytestmark = pytest.mark.django_db
 
@@ -226,17 +226,25 @@ def test_deleted_organization_secret_copy_is_dead(demo):
         get_llm_api_key(reborn)
 
 
+@pytest.mark.services
 @pytest.mark.django_db(transaction=True)
 def test_no_request_after_save_uses_old_key(live_server, demo, openai_server):
     """Answers run in threads while the key is replaced; every request that
-    starts after the replacement commits is paid by the new key."""
+    starts after the replacement commits is paid by the new key.
+
+    PostgreSQL only: the test database of SQLite is one in-memory database
+    whose writers lock each other out under concurrent requests.
+    """
+    require_postgresql()
     old_key, new_key = KEY, "sk-custody-new-key-66666666666666666666NEW6"
     set_llm_api_key(demo.organization, old_key)
     _, raw_key = ApiKey.issue(demo.organization, "rotation")
     url = live_server.url.replace("localhost", "127.0.0.1") + "/api/answers/execute"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     started_at = {}
+    errors = []
     stop = threading.Event()
+    deadline = time.monotonic() + 60
 
     def ask(number):
         body = json.dumps(
@@ -256,23 +264,32 @@ def test_no_request_after_save_uses_old_key(live_server, demo, openai_server):
 
     def worker(first):
         number = first
-        while not stop.is_set():
-            ask(number)
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                ask(number)
+            except OSError as error:
+                errors.append(error)
+                stop.set()
             number += 100
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
     for thread in threads:
         thread.start()
-    while len(started_at) < 6:
+    while len(started_at) < 6 and not stop.is_set() and time.monotonic() < deadline:
         time.sleep(0.01)
     set_llm_api_key(demo.organization, new_key)
     committed_at = time.monotonic()
-    while len([t for t in started_at.values() if t > committed_at]) < 6:
+    while (
+        len([t for t in started_at.values() if t > committed_at]) < 6
+        and not stop.is_set()
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     stop.set()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=60)
 
+    assert errors == []
     key_by_request = {}
     for record in openai_server.requests:
         if record["path"] != "/v1/chat/completions":

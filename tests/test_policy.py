@@ -322,7 +322,15 @@ def test_demo_policies_are_valid(policy):
         pytest.param([{}], id="rule-without-conditions"),
         pytest.param(["resource.classification eq public"], id="rule-not-object"),
         pytest.param(
-            [{"conditions": [VALID_CONDITION], "effect": "deny"}], id="rule-extra-key"
+            [{"conditions": [VALID_CONDITION], "negate": True}], id="rule-extra-key"
+        ),
+        pytest.param(
+            [{"conditions": [VALID_CONDITION], "effect": "block"}],
+            id="rule-unknown-effect",
+        ),
+        pytest.param(
+            [{"conditions": [VALID_CONDITION], "priority": "high"}],
+            id="rule-priority-not-number",
         ),
         pytest.param(
             [{"conditions": [{**VALID_CONDITION, "negate": True}]}],
@@ -353,8 +361,8 @@ def test_demo_policies_are_valid(policy):
             id="unknown-operator",
         ),
         pytest.param(
-            [{"conditions": [condition("resource.owner", "eq", "{{resource.owner}}")]}],
-            id="template-not-principal",
+            [{"conditions": [condition("resource.owner", "eq", "{{relation.owner}}")]}],
+            id="template-of-relation",
         ),
         pytest.param(
             [

@@ -8,6 +8,7 @@ from django.db import transaction
 from orgs.models import Organization
 from retrieval.ingest import Document, ingest_documents
 from retrieval.models import Classification, Connector
+from retrieval.search_errors import SearchUnavailable
 
 DOCUMENT_SUFFIXES = {".txt", ".md", ".markdown"}
 SIDECAR_SUFFIX = ".meta.json"
@@ -69,6 +70,8 @@ class Command(BaseCommand):
                 resources = ingest_documents(connector, documents)
         except ValidationError as error:
             raise CommandError(f"Nothing was loaded: {error.messages[0]}") from None
+        except SearchUnavailable as error:
+            raise CommandError(f"Nothing was loaded: {error.message}") from None
 
         chunk_count = sum(resource.chunks.count() for resource in resources)
         if created:

@@ -1,0 +1,251 @@
+"""Keyword ranking with the database's own full-text index.
+
+Migration 0003_fulltext builds the index: an FTS5 table on SQLite and a
+tsvector column with a GIN index on PostgreSQL. The user's text never reaches
+SQL as syntax. It is reduced to words of letters and digits, and those words
+are quoted into a full-text query that is passed as a parameter.
+"""
+
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from django.db import connection
+
+from .models import Chunk, Resource
+from .search_errors import SearchUnavailable
+
+STOPWORDS = frozenset(
+    "a an and are as at be but by can do does for from had has have how i in is it "
+    "its me my of on or our should so that the their them there these they this to "
+    "us was we what when where which who why will with you your".split()
+)
+# Letters and digits in any script, so "café" is one word. [^\W_] is \w
+# without the underscore.
+WORD = re.compile(r"[^\W_]+")
+# Bounds the size of the OR query that a long pasted text would make.
+MAX_QUERY_TERMS = 32
+
+# Two ways to rank, per database. The joined query joins every match to its
+# resource to filter by connector. The index-wide query ranks the best
+# matches of all connectors without joins, then marks the connector's rows.
+# With one connector of 20,000 or 100,000 chunks (bench/retrieval.py corpus,
+# SQLite) it took a third to a half of the joined query's time.
+SQLITE_INDEX_WIDE = """
+    WITH best AS (
+        SELECT rowid AS chunk_rowid, -bm25(retrieval_chunk_fts) AS score
+        FROM retrieval_chunk_fts
+        WHERE retrieval_chunk_fts MATCH %(match)s
+        ORDER BY score DESC
+        LIMIT %(limit)s
+    )
+    SELECT chunk.id, chunk.resource_id, chunk.position, best.score,
+           resource.connector_id = %(connector)s
+    FROM best
+    JOIN retrieval_chunk AS chunk ON chunk.rowid = best.chunk_rowid
+    JOIN retrieval_resource AS resource ON resource.id = chunk.resource_id
+"""
+SQLITE_JOINED = """
+    SELECT chunk.id, chunk.resource_id, chunk.position,
+           -bm25(retrieval_chunk_fts) AS score, 1
+    FROM retrieval_chunk_fts
+    JOIN retrieval_chunk AS chunk ON chunk.rowid = retrieval_chunk_fts.rowid
+    JOIN retrieval_resource AS resource ON resource.id = chunk.resource_id
+    WHERE retrieval_chunk_fts MATCH %(match)s
+      AND resource.connector_id = %(connector)s
+    ORDER BY score DESC, chunk.resource_id, chunk.position
+    LIMIT %(limit)s
+"""
+# NOTE: ts_rank_cd is cover density ranking, not BM25. It counts how often
+# and how close together the query's words occur, but it has no inverse
+# document frequency, so a rare word weighs no more than a common one.
+# Normalisation 1 divides by 1 + log(length), so long chunks do not win on
+# length alone, as BM25's length normalisation intends.
+POSTGRESQL_INDEX_WIDE = """
+    SELECT best.id, best.resource_id, best.position, best.score,
+           resource.connector_id = %(connector)s
+    FROM (
+        SELECT id, resource_id, position,
+               ts_rank_cd(search_vector, to_tsquery('english', %(match)s), 1) AS score
+        FROM retrieval_chunk
+        WHERE search_vector @@ to_tsquery('english', %(match)s)
+        ORDER BY score DESC
+        LIMIT %(limit)s
+    ) AS best
+    JOIN retrieval_resource AS resource ON resource.id = best.resource_id
+"""
+POSTGRESQL_JOINED = """
+    SELECT chunk.id, chunk.resource_id, chunk.position,
+           ts_rank_cd(chunk.search_vector, to_tsquery('english', %(match)s), 1)
+               AS score,
+           true
+    FROM retrieval_chunk AS chunk
+    JOIN retrieval_resource AS resource ON resource.id = chunk.resource_id
+    WHERE chunk.search_vector @@ to_tsquery('english', %(match)s)
+      AND resource.connector_id = %(connector)s
+    ORDER BY score DESC, chunk.resource_id, chunk.position
+    LIMIT %(limit)s
+"""
+# The index-wide query fetches this many times the depth requested.
+INDEX_WIDE_FACTOR = 2
+# Connectors, by (id, index_version), whose index-wide ranking last fell
+# short, so the joined query runs first. Bounded like an LRU.
+MAX_REMEMBERED_CONNECTORS = 1024
+
+
+@dataclass(frozen=True)
+class KeywordMatch:
+    chunk_id: object
+    resource_id: object
+    position: int
+    score: float
+
+
+def query_terms(text):
+    """Return the distinct search words of `text`, lowercased and sorted.
+
+    Stopwords and one-character words are dropped, and only the first
+    MAX_QUERY_TERMS distinct words are kept.
+    """
+    terms = []
+    for word in WORD.findall(text.lower()):
+        if len(word) > 1 and word not in STOPWORDS and word not in terms:
+            terms.append(word)
+            if len(terms) == MAX_QUERY_TERMS:
+                break
+    return sorted(terms)
+
+
+def rank_by_keywords(connector, terms, depth):
+    """Return the `depth` best KeywordMatch rows of `connector` for `terms`.
+
+    A chunk matches when it contains any term. Best first, and equal scores
+    are ordered by resource id, then chunk position. Empty `terms` match nothing.
+    Tries the index-wide query first, unless it fell short for this
+    connector before, then the joined query.
+    """
+    if not terms or depth <= 0:
+        return []
+    remembered = (connector.pk, connector.index_version)
+    if remembered not in _joined_first:
+        matches = rank_index_wide(connector, terms, depth)
+        if matches is not None:
+            return matches
+        _joined_first.add(remembered)
+    return rank_joined(connector, terms, depth)
+
+
+def rank_index_wide(connector, terms, depth):
+    """Rank with the index-wide query, or return None if it cannot tell.
+
+    It fetches the INDEX_WIDE_FACTOR x `depth` best matches of all
+    connectors. Rows at the lowest score fetched are dropped, because others
+    with that score may be missing, and every match scoring above it was
+    fetched. So when at least `depth` of the rest are the connector's, they
+    are its exact best; otherwise this returns None.
+    """
+    limit = INDEX_WIDE_FACTOR * depth
+    sql = SQLITE_INDEX_WIDE if _vendor() == "sqlite" else POSTGRESQL_INDEX_WIDE
+    rows = _fetch(sql, _params(connector, terms, limit))
+    complete = len(rows) < limit
+    if not complete:
+        cut = min(match.score for match, _ in rows)
+        rows = [(match, own) for match, own in rows if match.score > cut]
+    matches = [match for match, own in rows if own]
+    if not complete and len(matches) < depth:
+        return None
+    matches.sort(key=lambda match: (-match.score, match.resource_id, match.position))
+    return matches[:depth]
+
+
+def rank_joined(connector, terms, depth):
+    """Rank with the joined query, which filters every match by connector."""
+    sql = SQLITE_JOINED if _vendor() == "sqlite" else POSTGRESQL_JOINED
+    return [match for match, _ in _fetch(sql, _params(connector, terms, depth))]
+
+
+def _vendor():
+    if connection.vendor not in ("sqlite", "postgresql"):
+        raise SearchUnavailable(
+            "KEYWORD_SEARCH_UNSUPPORTED",
+            f"Keyword search needs SQLite or PostgreSQL, not {connection.vendor}.",
+            status_code=501,
+        )
+    return connection.vendor
+
+
+def _params(connector, terms, limit):
+    if connection.vendor == "sqlite":
+        # Each word becomes a quoted string, so FTS5 operators in the input
+        # (OR, NEAR, *, -, :, parentheses) are plain words or were dropped.
+        match = " OR ".join(f'"{term}"' for term in terms)
+    else:
+        # Quoted lexemes joined by |, which is safe because the words contain
+        # no quote or operator.
+        match = " | ".join(f"'{term}'" for term in terms)
+    connector_field = Resource._meta.get_field("connector").target_field
+    return {
+        "match": match,
+        "connector": connector_field.get_db_prep_value(connector.pk, connection),
+        "limit": limit,
+    }
+
+
+def _fetch(sql, params):
+    """Run one ranking query; return `(KeywordMatch, is the connector's)` rows."""
+    to_uuid = Chunk._meta.pk.to_python
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return [
+            (
+                KeywordMatch(to_uuid(chunk_id), to_uuid(resource_id), position, score),
+                bool(own),
+            )
+            for chunk_id, resource_id, position, score, own in cursor.fetchall()
+        ]
+
+
+def forget_query_choices():
+    """Let every connector try the index-wide query again."""
+    _joined_first.clear()
+
+
+class RememberedConnectors:
+    """A set bounded to MAX_REMEMBERED_CONNECTORS, oldest dropped first."""
+
+    def __init__(self, max_entries=MAX_REMEMBERED_CONNECTORS):
+        self.max_entries = max_entries
+        self._entries = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key):
+        with self._lock:
+            return key in self._entries
+
+    def add(self, key):
+        with self._lock:
+            self._entries[key] = True
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+
+_joined_first = RememberedConnectors()
+
+
+def rebuild_fulltext_index():
+    """Rebuild the SQLite full-text index from retrieval_chunk.
+
+    Needed after a VACUUM or a table remake has renumbered the chunk rowids.
+    PostgreSQL computes its column with each row, so there it does nothing.
+    """
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO retrieval_chunk_fts (retrieval_chunk_fts) "
+                "VALUES ('rebuild')"
+            )
