@@ -161,6 +161,11 @@ def execute_answer(request):
             )
         error.extra.update(body, results=[chunk_result(c) for c in retrieval.allowed])
         raise
+    except BaseException:
+        # Anything else (a bug, a worker shutdown) still must not cost a call.
+        if choice.reservation is not None:
+            request.organization.release_fallback_call(choice.reservation)
+        raise
     body["synthesis_latency_ms"] = _ms_since(synthesis_started)
     if choice.source == KeySource.ORGANIZATION:
         body["cap_reached"] = request.organization.count_own_key_use()

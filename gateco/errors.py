@@ -8,6 +8,9 @@ skipped, for example). `code` is stable and is what clients branch on; the
 
 import logging
 
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig
+from django.http import Http404
 from rest_framework import exceptions as drf_exceptions
 from rest_framework import status
 from rest_framework.response import Response
@@ -84,8 +87,25 @@ DRF_CODES = {
 }
 
 
+class RequestTooLarge(ApiError):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    code = "REQUEST_TOO_LARGE"
+    default_message = (
+        "The request body is larger than the server accepts "
+        "(DATA_UPLOAD_MAX_MEMORY_SIZE); send less data per request."
+    )
+
+
 def api_exception_handler(exc, context):
     """Render ApiError and DRF exceptions in the one error shape."""
+    # Django's own exceptions, which DRF would convert inside its handler only.
+    if isinstance(exc, Http404):
+        exc = drf_exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = drf_exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):
+        exc = RequestTooLarge()
+
     if isinstance(exc, ApiError):
         return Response(exc.body(), status=exc.status_code, headers=exc.headers)
 

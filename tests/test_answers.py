@@ -381,3 +381,26 @@ def test_plain_text_reply_still_parsed(api_client, demo, openai_server):
 
     assert body["outcome"] == "answered"
     assert body["answer"] == "Revenue was 14.2 million dollars [1]."
+
+
+@pytest.mark.parametrize(
+    "url", ["/api/answers/execute?format=xml", "/api/organization/settings?format=xml"]
+)
+def test_unknown_format_is_404_json(api_client, url):
+    response = api_client.get(url)
+
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "RESOURCE_NOT_FOUND"
+
+
+def test_oversized_body_is_413_json(api_client, demo, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+
+    response = api_client.post(
+        "/api/answers/execute",
+        '{"query": "' + "x" * 2000 + '"}',
+        content_type="application/json",
+    )
+
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "REQUEST_TOO_LARGE"

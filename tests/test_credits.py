@@ -247,3 +247,20 @@ def test_audit_records_tokens_and_latency(api_client, demo, openai_server):
     assert audit.prompt_tokens > 0
     assert audit.completion_tokens > 0
     assert audit.outcome == "answered"
+
+
+def test_unexpected_error_releases_call(api_client, demo, openai_server, monkeypatch):
+    from answers import llm
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("unexpected failure inside synthesis")
+
+    monkeypatch.setattr(llm, "complete", explode)
+    api_client.raise_request_exception = False
+
+    response = ask(api_client, demo, demo.alice)
+
+    assert response.status_code == 500
+    demo.organization.refresh_from_db()
+    assert demo.organization.fallback_calls_used == 0
+    assert used_by_ledger(demo.organization) == 0
