@@ -27,7 +27,7 @@ PRODUCTION = GATECO_ENV == "production"
 
 DATA_DIR = Path(env.str("GATECO_DATA_DIR", default=str(BASE_DIR / "var")))
 if not PRODUCTION:
-    # Owner-only: the folder holds the database, SECRET_KEY and the local KEK.
+    # Owner-only: the folder contains the database, SECRET_KEY and the local KEK.
     DATA_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 

@@ -28,7 +28,7 @@ class PrincipalStatus(models.TextChoices):
 
 
 class Principal(models.Model):
-    """An end user or agent on whose behalf the AI application asks."""
+    """An end user or agent on whose behalf the AI application sends a query."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     organization = models.ForeignKey(
@@ -230,7 +230,7 @@ class Retrieval(models.Model):
     candidates = models.PositiveIntegerField(default=0)
     allowed_chunks = models.PositiveIntegerField(default=0)
     denied_chunks = models.PositiveIntegerField(default=0)
-    # "allowed", "denied" or "error_deny"; `reason` says why for error_deny.
+    # "allowed", "denied" or "error_deny"; `reason` explains an error_deny.
     decision = models.CharField(max_length=20)
     reason = models.TextField(blank=True)
     refill_rounds = models.PositiveIntegerField(default=0)
