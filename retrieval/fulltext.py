@@ -6,6 +6,8 @@ SQL as syntax. It is reduced to words of letters and digits, and those words
 are quoted into a full-text query that is passed as a parameter.
 """
 
+import json
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -87,6 +89,49 @@ POSTGRESQL_JOINED = """
     ORDER BY score DESC, chunk.resource_id, chunk.position
     LIMIT %(limit)s
 """
+# Query words that occur in more than this share of the indexed chunks are
+# dropped from the query while a rarer word remains, as search engines prune
+# very common words. Such a word adds little to a ranking, because BM25 gives
+# it a low inverse document frequency, yet the database scores every chunk
+# that contains it, so its cost grows with the size of the index.
+COMMON_TERM_SHARE = 0.05
+# A word is common only in more chunks than this as well, so that small
+# indexes, where scoring every match costs little, keep every word.
+MIN_COMMON_TERM_DOCUMENTS = 100
+# When every word of a query is common, only the rarest is kept. To find it,
+# document counts go up to this many times the common-word threshold, and
+# words past that bound tie and are taken in alphabetical order.
+RAREST_TERM_COUNT_FACTOR = 8
+# Counts of chunks and of (word, bound) matches per (connector id, index
+# version), kept in this process and bounded like an LRU.
+MAX_REMEMBERED_COUNTS = 65536
+# Document counts stop at a bound, so a common word costs no more than the
+# bound in index rows. They cover the whole index, not one connector,
+# because the ranking queries read a word's matches in every connector too.
+SQLITE_BOUNDED_TERM_COUNT = """
+    SELECT count(*) FROM (
+        SELECT 1 FROM retrieval_chunk_fts
+        WHERE retrieval_chunk_fts MATCH %(match)s
+        LIMIT %(limit)s
+    )
+"""
+# On PostgreSQL a bounded count reads each match's table row, which took
+# tens of milliseconds per word at 100,000 chunks (bench/retrieval.py). So
+# there the count is the planner's row estimate, from the column statistics
+# that ANALYZE gathers, and a query for one match checks whether a word
+# matches at all.
+POSTGRESQL_ESTIMATE_TERM_COUNT = """
+    EXPLAIN (FORMAT JSON)
+    SELECT 1 FROM retrieval_chunk
+    WHERE search_vector @@ to_tsquery('english', %(match)s)
+"""
+POSTGRESQL_BOUNDED_TERM_COUNT = """
+    SELECT count(*) FROM (
+        SELECT 1 FROM retrieval_chunk
+        WHERE search_vector @@ to_tsquery('english', %(match)s)
+        LIMIT %(limit)s
+    ) AS bounded
+"""
 # The index-wide query fetches this many times the depth requested.
 INDEX_WIDE_FACTOR = 2
 # Connectors, by (id, index_version), whose index-wide ranking last fell
@@ -120,13 +165,14 @@ def query_terms(text):
 def rank_by_keywords(connector, terms, depth):
     """Return the `depth` best KeywordMatch rows of `connector` for `terms`.
 
-    A chunk matches when it contains any term. Best first, and equal scores
-    are ordered by resource id, then chunk position. Empty `terms` match nothing.
-    Tries the index-wide query first, unless it fell short for this
-    connector before, then the joined query.
+    A chunk matches when it contains any of the terms that
+    `prune_common_terms` keeps. Best first, and equal scores are ordered by
+    resource id, then chunk position. Empty `terms` match nothing. Tries the index-wide query first, unless it fell
+    short for this connector before, then the joined query.
     """
     if not terms or depth <= 0:
         return []
+    terms = prune_common_terms(connector, terms)
     remembered = (connector.pk, connector.index_version)
     if remembered not in _joined_first:
         matches = rank_index_wide(connector, terms, depth)
@@ -134,6 +180,94 @@ def rank_by_keywords(connector, terms, depth):
             return matches
         _joined_first.add(remembered)
     return rank_joined(connector, terms, depth)
+
+
+def prune_common_terms(connector, terms):
+    """Return the terms of `terms` that the ranking should query.
+
+    A term is common when more than `common_term_threshold(connector)` chunks
+    of the index contain it. Common terms, and terms that match no chunk,
+    are dropped while a rarer term that matches remains. When every matching
+    term is common, only the rarest is kept (see RAREST_TERM_COUNT_FACTOR).
+    When no term matches, `terms` is returned unchanged.
+
+    The ranking then finds and scores chunks by the kept terms alone. So a
+    chunk that contains only dropped terms is not returned, and the dropped
+    terms add nothing to the scores.
+    """
+    if len(terms) < 2:
+        return terms
+    threshold = common_term_threshold(connector)
+    counts = {
+        term: count_term_documents(connector, term, threshold + 1) for term in terms
+    }
+    rare = [term for term in terms if 0 < counts[term] <= threshold]
+    if rare:
+        return rare
+    common = [term for term in terms if counts[term] > 0]
+    if not common:
+        return terms
+    limit = RAREST_TERM_COUNT_FACTOR * threshold + 1
+    rarest = min(
+        common, key=lambda term: (count_term_documents(connector, term, limit), term)
+    )
+    return [rarest]
+
+
+def common_term_threshold(connector):
+    """Return the document count above which a term is common in the index."""
+    key = ("chunks", connector.pk, connector.index_version)
+    chunks = _counts.get(key)
+    if chunks is None:
+        chunks = Chunk.objects.count()
+        _counts.put(key, chunks)
+    return max(MIN_COMMON_TERM_DOCUMENTS, math.ceil(COMMON_TERM_SHARE * chunks))
+
+
+def count_term_documents(connector, term, limit):
+    """Return how many indexed chunks contain `term`, counting at most `limit`.
+
+    On PostgreSQL a count above zero is the planner's estimate.
+
+    Counts are remembered per `connector` index version, so an ingest into
+    the connector counts again. Ingests into other connectors do not, so a
+    count can be out of date. It only steers which terms are queried.
+    """
+    key = ("term", connector.pk, connector.index_version, term, limit)
+    documents = _counts.get(key)
+    if documents is None:
+        match = _params(connector, [term], limit)["match"]
+        if _vendor() == "sqlite":
+            documents = _count_bounded(SQLITE_BOUNDED_TERM_COUNT, match, limit)
+        else:
+            documents = min(limit, _estimate_postgresql_count(match))
+            if _count_bounded(POSTGRESQL_BOUNDED_TERM_COUNT, match, 1) == 0:
+                documents = 0
+        _counts.put(key, documents)
+    return documents
+
+
+def _count_bounded(sql, match, limit):
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {"match": match, "limit": limit})
+        return cursor.fetchone()[0]
+
+
+def _estimate_postgresql_count(match):
+    """Return the planner's estimate of the chunks that match `match`.
+
+    NOTE: the estimate comes from a sample of the table, so a word near the
+    common-word threshold can change sides after the next ANALYZE, and with
+    it the ranking of a query that contains it. Without statistics the
+    planner assumes a low match rate for every word, so only words that
+    match no chunk are dropped.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(POSTGRESQL_ESTIMATE_TERM_COUNT, {"match": match})
+        plan = cursor.fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
 
 
 def rank_index_wide(connector, terms, depth):
@@ -207,8 +341,9 @@ def _fetch(sql, params):
 
 
 def forget_query_choices():
-    """Let every connector try the index-wide query again."""
+    """Let every connector try the index-wide query again, and forget counts."""
     _joined_first.clear()
+    _counts.clear()
 
 
 class RememberedConnectors:
@@ -234,7 +369,35 @@ class RememberedConnectors:
             self._entries.clear()
 
 
+class RememberedCounts:
+    """A mapping bounded to MAX_REMEMBERED_COUNTS, least recently used dropped."""
+
+    def __init__(self, max_entries=MAX_REMEMBERED_COUNTS):
+        self.max_entries = max_entries
+        self._entries = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key, value):
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+
 _joined_first = RememberedConnectors()
+_counts = RememberedCounts()
 
 
 def rebuild_fulltext_index():

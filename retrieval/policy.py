@@ -43,6 +43,11 @@ LEVEL_SCALES = (
 LEVELS = {
     level: position for scale in LEVEL_SCALES for position, level in enumerate(scale)
 }
+# LEVEL_SCALES as {level: position} maps, for lookups while deciding.
+LEVEL_POSITIONS = tuple(
+    {level: position for position, level in enumerate(scale)}
+    for scale in LEVEL_SCALES
+)
 OPERATORS = frozenset({"eq", "ne", "in", "contains", "lte", "gte"})
 RESOURCE_FIELDS = frozenset(
     {
@@ -121,6 +126,9 @@ class CompiledRule:
     effect: str
     priority: int
     conditions: list
+    # One callable per condition, `check(target, relations) -> bool`, built by
+    # PolicyEvaluator for its principal.
+    checks: tuple = ()
 
 
 @dataclass
@@ -417,6 +425,7 @@ class PolicyEvaluator:
                 f"principal {principal.pk} has attributes that are not an object"
             )
         self.selectors = {}
+        self.selector_checks = []
         self.rules = []
         self.stats = {
             policy.id: {"allowed": 0, "denied": 0, "seconds": 0.0}
@@ -463,12 +472,98 @@ class PolicyEvaluator:
             raise PolicyEvaluationError(
                 f"policy {policy.id} ({policy.name}) is invalid: {error}"
             ) from None
+        self.selector_checks.append(
+            self._compile_checks(self.selectors[policy.id])
+        )
         for rule_position, (effect, priority, conditions) in enumerate(compiled):
             self.rules.append(
                 CompiledRule(
-                    policy, position, rule_position, effect, priority, conditions
+                    policy,
+                    position,
+                    rule_position,
+                    effect,
+                    priority,
+                    conditions,
+                    self._compile_checks(conditions),
                 )
             )
+
+    # Compiling binds each condition to this evaluator's principal once, so
+    # deciding a resource only reads the resource's facts and compares. The
+    # checks raise the same errors, at the same point, as evaluating the
+    # Condition afresh would.
+
+    def _compile_checks(self, conditions):
+        return tuple(self._compile_check(condition) for condition in conditions)
+
+    def _compile_check(self, condition):
+        compare_values = COMPARATORS.get(condition.operator)
+        if compare_values is None:
+            operator = condition.operator
+
+            def compare_values(left, right):
+                return compare(operator, left, right)
+
+        left_side = condition.field.side
+        reference = condition.reference
+        if reference is None:
+            value = condition.value
+            if left_side == "resource":
+                key = condition.field.key
+
+                def check(target, relations):
+                    return compare_values(target[key], value)
+
+                return check
+            if left_side != "relation":
+                # The principal's side and a literal: one result for every
+                # resource, computed at its first use.
+                return self._compile_constant_check(
+                    self._compile_lookup(condition.field), compare_values, value
+                )
+
+        left = self._compile_lookup(condition.field)
+        if reference is None:
+            right = _constant_lookup(condition.value)
+        else:
+            right = self._compile_lookup(reference)
+
+        def check(target, relations):
+            return compare_values(left(target, relations), right(target, relations))
+
+        return check
+
+    @staticmethod
+    def _compile_constant_check(left, compare_values, value):
+        results = []
+
+        def check(target, relations):
+            if not results:
+                results.append(compare_values(left(target, relations), value))
+            return results[0]
+
+        return check
+
+    def _compile_lookup(self, field_ref):
+        """Return `lookup(target, relations)` for one side of a condition."""
+        key = field_ref.key
+        if field_ref.side == "resource":
+            return lambda target, relations: target[key]
+        if field_ref.side == "principal":
+            return _constant_lookup(self.subject[key])
+        if field_ref.side == "relation":
+            return lambda target, relations: key in relations
+        if key in self.attributes:
+            return _constant_lookup(self.attributes[key])
+        message = (
+            f"{field_ref.name} is not available: principal "
+            f"{self.principal.external_id!r} has no attribute {key!r}"
+        )
+
+        def missing_attribute(target, relations):
+            raise PolicyEvaluationError(message)
+
+        return missing_attribute
 
     def decide(self, resource):
         """Return the Decision for the principal on `resource`, or raise."""
@@ -488,17 +583,17 @@ class PolicyEvaluator:
     def _decide(self, resource, target, started):
         self._check_budget(started)
         relations = self.relations.get(resource.pk, frozenset())
-        applicable = set()
-        for policy in self.policies:
-            if self._all_hold(policy, self.selectors[policy.id], target, relations):
-                applicable.add(policy.id)
+        applicable = [
+            self._all_hold(policy, checks, target, relations)
+            for policy, checks in zip(self.policies, self.selector_checks)
+        ]
 
         allowed_by, matched = None, []
         for rule in self.rules:
-            if rule.policy.id not in applicable:
+            if not applicable[rule.policy_position]:
                 continue
             self._check_budget(started)
-            if not self._all_hold(rule.policy, rule.conditions, target, relations):
+            if not self._all_hold(rule.policy, rule.checks, target, relations):
                 continue
             matched.append(str(rule.policy.id))
             if rule.effect == Effect.DENY:
@@ -522,12 +617,13 @@ class PolicyEvaluator:
                 code="POLICY_TIME_BUDGET_EXCEEDED",
             )
 
-    def _all_hold(self, policy, conditions, target, relations):
+    def _all_hold(self, policy, checks, target, relations):
         started = time.perf_counter()
         try:
-            return all(
-                self._holds(condition, target, relations) for condition in conditions
-            )
+            for check in checks:
+                if not check(target, relations):
+                    return False
+            return True
         except PolicyEvaluationError as error:
             raise PolicyEvaluationError(
                 f"policy {policy.id} ({policy.name}): {error}", code=error.code
@@ -539,27 +635,6 @@ class PolicyEvaluator:
             ) from None
         finally:
             self.stats[policy.id]["seconds"] += time.perf_counter() - started
-
-    def _lookup(self, field_ref, target, relations):
-        if field_ref.side == "resource":
-            return target[field_ref.key]
-        if field_ref.side == "principal":
-            return self.subject[field_ref.key]
-        if field_ref.side == "relation":
-            return field_ref.key in relations
-        if field_ref.key not in self.attributes:
-            raise PolicyEvaluationError(
-                f"{field_ref.name} is not available: principal "
-                f"{self.principal.external_id!r} has no attribute {field_ref.key!r}"
-            )
-        return self.attributes[field_ref.key]
-
-    def _holds(self, condition, target, relations):
-        left = self._lookup(condition.field, target, relations)
-        right = condition.value
-        if condition.reference is not None:
-            right = self._lookup(condition.reference, target, relations)
-        return compare(condition.operator, left, right)
 
     def trace(self):
         """Return one entry per policy: what it decided across every decision."""
@@ -587,41 +662,74 @@ class PolicyEvaluator:
         return entries
 
 
+def _constant_lookup(value):
+    return lambda target, relations: value
+
+
 def compare(operator, left, right):
     """Apply `operator` to two values, or raise PolicyEvaluationError."""
-    if operator == "eq":
-        return left == right
-    if operator == "ne":
-        return left != right
-    if operator == "in":
-        if not isinstance(right, list):
-            raise PolicyEvaluationError("'in' needs a list value")
-        if isinstance(left, list):
-            return any(item in right for item in left)
-        return left in right
-    if operator == "contains":
-        if isinstance(right, (list, dict)):
-            raise PolicyEvaluationError("'contains' takes one value, not a list")
-        if isinstance(left, list):
-            return right in left
-        if isinstance(left, str) and isinstance(right, str):
-            return right in left
-        raise PolicyEvaluationError(
-            f"'contains' needs a list or text field and a text value, not "
-            f"{type(left).__name__} and {type(right).__name__}"
-        )
-    if operator in ("lte", "gte"):
-        left_level, right_level = _levels(left, right)
-        if operator == "lte":
-            return left_level <= right_level
-        return left_level >= right_level
-    raise PolicyEvaluationError(f"unknown operator {operator!r}")
+    compare_values = COMPARATORS.get(operator)
+    if compare_values is None:
+        raise PolicyEvaluationError(f"unknown operator {operator!r}")
+    return compare_values(left, right)
+
+
+def _equal(left, right):
+    return left == right
+
+
+def _not_equal(left, right):
+    return left != right
+
+
+def _in(left, right):
+    if not isinstance(right, list):
+        raise PolicyEvaluationError("'in' needs a list value")
+    if isinstance(left, list):
+        return any(item in right for item in left)
+    return left in right
+
+
+def _contains(left, right):
+    if isinstance(right, (list, dict)):
+        raise PolicyEvaluationError("'contains' takes one value, not a list")
+    if isinstance(left, list):
+        return right in left
+    if isinstance(left, str) and isinstance(right, str):
+        return right in left
+    raise PolicyEvaluationError(
+        f"'contains' needs a list or text field and a text value, not "
+        f"{type(left).__name__} and {type(right).__name__}"
+    )
+
+
+def _at_most(left, right):
+    left_level, right_level = _levels(left, right)
+    return left_level <= right_level
+
+
+def _at_least(left, right):
+    left_level, right_level = _levels(left, right)
+    return left_level >= right_level
+
+
+COMPARATORS = {
+    "eq": _equal,
+    "ne": _not_equal,
+    "in": _in,
+    "contains": _contains,
+    "lte": _at_most,
+    "gte": _at_least,
+}
 
 
 def _levels(left, right):
-    for scale in LEVEL_SCALES:
-        if left in scale and right in scale:
-            return scale.index(left), scale.index(right)
+    # Levels are strings, and a value of another type is in no scale. The
+    # check also keeps unhashable values, such as lists, out of the lookups.
+    if isinstance(left, str) and isinstance(right, str):
+        for positions in LEVEL_POSITIONS:
+            if left in positions and right in positions:
+                return positions[left], positions[right]
     raise PolicyEvaluationError(
         f"{left!r} and {right!r} are not levels of one scale (classification: "
         f"{', '.join(LEVEL_SCALES[0])}; sensitivity: {', '.join(LEVEL_SCALES[1])})"

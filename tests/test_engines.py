@@ -19,7 +19,9 @@ from orgs.models import Organization
 from retrieval import engines
 from retrieval.embeddings import embed_query, embed_texts, to_bytes
 from retrieval.engines import SearchUnavailable, bump_index_version, search_candidates
+from retrieval import fulltext
 from retrieval.fulltext import (
+    prune_common_terms,
     rank_by_keywords,
     rank_index_wide,
     rank_joined,
@@ -222,6 +224,108 @@ def test_keyword_ranking_falls_back_to_joined(crowded_index):
 
     assert matches == rank_joined(small, ["budget"], depth=2)
     assert len(matches) == 2
+
+
+@pytest.fixture
+def common_word_corpus(db, monkeypatch):
+    """Twelve chunks with "budget", two of them with "kestrel" as well.
+
+    Any word in more than 3 chunks counts as common here.
+    """
+    monkeypatch.setattr(fulltext, "MIN_COMMON_TERM_DOCUMENTS", 3)
+    monkeypatch.setattr(fulltext, "COMMON_TERM_SHARE", 0.01)
+    connector = make_connector()
+    for number in range(10):
+        add_chunk(connector, f"budget{number:02}.md", "budget " * (number + 1))
+    add_chunk(connector, "kestrel-a.md", "kestrel budget")
+    add_chunk(connector, "kestrel-b.md", "kestrel sighting budget")
+    refresh_statistics()
+    return connector
+
+
+def refresh_statistics():
+    """Update the PostgreSQL statistics that estimate word frequencies."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE retrieval_chunk")
+
+
+def test_common_term_pruned_beside_rare_term(common_word_corpus):
+    connector = common_word_corpus
+
+    assert prune_common_terms(connector, ["budget", "kestrel"]) == ["kestrel"]
+
+
+def test_ranking_skips_common_term_matches(common_word_corpus):
+    connector = common_word_corpus
+
+    matches = rank_by_keywords(connector, ["budget", "kestrel"], depth=20)
+
+    assert len(matches) == 2
+    assert matches == rank_joined(connector, ["kestrel"], depth=20)
+
+
+def test_common_term_kept_when_alone(common_word_corpus):
+    connector = common_word_corpus
+
+    assert prune_common_terms(connector, ["budget"]) == ["budget"]
+    assert len(rank_by_keywords(connector, ["budget"], depth=20)) == 12
+
+
+def test_unmatched_term_pruned_beside_common_term(common_word_corpus):
+    connector = common_word_corpus
+    terms = ["budget", "nonexistentword"]
+
+    assert prune_common_terms(connector, terms) == ["budget"]
+    assert len(rank_by_keywords(connector, terms, depth=20)) == 12
+
+
+def test_rarest_common_term_kept_alone(common_word_corpus):
+    connector = common_word_corpus
+    for number in range(4):
+        add_chunk(connector, f"ledger{number}.md", "ledger budget")
+    refresh_statistics()
+    engines.clear_caches()
+
+    assert prune_common_terms(connector, ["budget", "ledger"]) == ["ledger"]
+
+
+def test_unmatched_terms_kept_unchanged(common_word_corpus):
+    connector = common_word_corpus
+    terms = ["nonexistentword", "otherword"]
+
+    assert prune_common_terms(connector, terms) == terms
+    assert rank_by_keywords(connector, terms, depth=20) == []
+
+
+def test_two_rare_terms_both_kept(common_word_corpus):
+    connector = common_word_corpus
+
+    pruned = prune_common_terms(connector, ["budget", "kestrel", "sighting"])
+
+    assert pruned == ["kestrel", "sighting"]
+
+
+def test_small_connector_keeps_common_terms(db):
+    connector = make_connector()
+    for number in range(10):
+        add_chunk(connector, f"budget{number:02}.md", "budget review")
+    add_chunk(connector, "kestrel.md", "kestrel budget")
+
+    assert prune_common_terms(connector, ["budget", "kestrel"]) == [
+        "budget",
+        "kestrel",
+    ]
+
+
+def test_pruned_ranking_is_repeatable(common_word_corpus):
+    connector = common_word_corpus
+    terms = ["budget", "kestrel", "sighting"]
+    first = rank_by_keywords(connector, terms, depth=20)
+
+    engines.clear_caches()
+
+    assert rank_by_keywords(connector, terms, depth=20) == first
 
 
 HOSTILE_QUERIES = [
