@@ -17,12 +17,12 @@ guess.
 """
 
 import re
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError
+
+from gateco.db import serialized_atomic
 
 from .models import (
     Classification,
@@ -137,24 +137,6 @@ class Decision:
     reason: str
     policy_id: str | None = None
     matched: list = field(default_factory=list)
-
-
-# SQLite lets one transaction write at a time anyway, and in the shared-cache
-# in-memory database of the test suite a second writer fails at once with
-# "database table is locked" instead of waiting. So this process runs its
-# retrieval transactions on SQLite one at a time. PostgreSQL needs no lock.
-_sqlite_write_lock = threading.Lock()
-
-
-@contextmanager
-def atomic():
-    """Run the block in `transaction.atomic()`, one thread at a time on SQLite."""
-    if connection.vendor == "sqlite":
-        with _sqlite_write_lock, transaction.atomic():
-            yield
-    else:
-        with transaction.atomic():
-            yield
 
 
 # --- definitions: parsing and validation -------------------------------------
@@ -446,7 +428,7 @@ class PolicyEvaluator:
         """
         try:
             # A savepoint, so a failed read leaves an outer transaction usable.
-            with atomic():
+            with serialized_atomic():
                 policies = list(
                     Policy.objects.filter(
                         organization=organization, status=PolicyStatus.ACTIVE

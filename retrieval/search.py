@@ -20,11 +20,12 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from gateco.db import serialized_atomic
 from gateco.errors import EntitlementRequired, ValidationFailed
 
 from .engines import SEARCH_MODES, search_candidates
 from .models import AuditEvent, Chunk, MonthlyUsage, Retrieval
-from .policy import PolicyEvaluationError, PolicyEvaluator, atomic
+from .policy import PolicyEvaluationError, PolicyEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,7 @@ def _walk(evaluator, connector, request, top_k, window, first, fetched, result):
 
 def _record(organization, principal, connector, request, result, actor):
     """Count the retrieval and write its Retrieval row and AuditEvent together."""
-    with atomic():
+    with serialized_atomic():
         consume_retrieval(organization)
         result.record = Retrieval.objects.create(
             organization=organization,
