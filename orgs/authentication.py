@@ -1,10 +1,13 @@
 import hmac
+from datetime import timedelta
 
 from django.contrib.auth.models import AnonymousUser
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from .models import API_KEY_PREFIX_LENGTH, ApiKey, hash_api_key
+
+LAST_USED_PRECISION = timedelta(minutes=1)
 
 
 class ApiKeyUser(AnonymousUser):
@@ -45,7 +48,12 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         ):
             raise exceptions.AuthenticationFailed("The API key is invalid or revoked.")
 
-        ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=timezone.now())
+        # Record use at most once a minute, so busy clients do not turn every
+        # request into a write.
+        now = timezone.now()
+        last_used = api_key.last_used_at
+        if last_used is None or now - last_used > LAST_USED_PRECISION:
+            ApiKey.objects.filter(pk=api_key.pk).update(last_used_at=now)
         return ApiKeyUser(api_key), api_key
 
     def authenticate_header(self, request):

@@ -19,7 +19,6 @@ from keyvault.vault import (
     SecretUnavailable,
     clear_llm_api_key,
     llm_api_key_row,
-    llm_api_key_status,
     set_llm_api_key,
 )
 

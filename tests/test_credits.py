@@ -264,3 +264,15 @@ def test_unexpected_error_releases_call(api_client, demo, openai_server, monkeyp
     demo.organization.refresh_from_db()
     assert demo.organization.fallback_calls_used == 0
     assert used_by_ledger(demo.organization) == 0
+
+
+def test_api_key_use_recorded_once_a_minute(api_client, demo):
+    from orgs.models import ApiKey
+
+    api_client.get("/api/organization/settings")
+    first_use = ApiKey.objects.get(name="tests").last_used_at
+
+    api_client.get("/api/organization/settings")
+
+    assert first_use is not None
+    assert ApiKey.objects.get(name="tests").last_used_at == first_use
