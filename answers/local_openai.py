@@ -313,7 +313,7 @@ def injected_failure(mode: str) -> ApiError:
         code = "rate_limit_exceeded"
         return ApiError(429, message, "requests", code=code, headers=headers)
     if mode == "quota":
-        # OpenAI answers 429 with this code when the account has no credit left.
+        # OpenAI returns 429 with this code when the account has no credit left.
         message = f"You exceeded your current quota {INJECTED}."
         return ApiError(429, message, "insufficient_quota", code="insufficient_quota")
     message = f"The server had an error while processing your request {INJECTED}."

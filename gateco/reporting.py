@@ -6,7 +6,7 @@ from django.views.debug import SafeExceptionReporterFilter
 class AlwaysSafeExceptionReporterFilter(SafeExceptionReporterFilter):
     """Hide sensitive variables and settings on every error report.
 
-    Django's own filter stands down when DEBUG is on; this one does not, so a
+    Django's own filter is inactive when DEBUG is on; this one does not, so a
     debug error page never shows an organization's key or the local KEK.
     """
 

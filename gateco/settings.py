@@ -233,8 +233,8 @@ GATECO_EMBEDDING_MODEL = env.str(
 )
 # Length of the vectors requested from the embeddings API, or 0 for the
 # model's own length (1,536 for text-embedding-3-small). Each process keeps
-# chunks x length float32 values per searched connector in memory, so 256
-# holds 100,000 chunks in about 100 MB.
+# chunks x length float32 values per searched connector in memory, so at 256
+# an index of 100,000 chunks takes about 100 MB.
 GATECO_EMBEDDING_DIMENSIONS = env.int("GATECO_EMBEDDING_DIMENSIONS", default=256)
 
 LOGGING = {

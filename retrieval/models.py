@@ -245,7 +245,7 @@ class Retrieval(models.Model):
 class Relationship(models.Model):
     """A named relation from a principal to a resource, such as "editor".
 
-    Policies read it as `relation.<name>`: true when the principal holds that
+    Policies read it as `relation.<name>`: true when the principal has that
     relation to the resource being decided (one hop, no inheritance).
     """
 

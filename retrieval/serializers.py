@@ -37,7 +37,7 @@ ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
 def names_field(**kwargs):
-    """A list of up to MAX_LIST_ITEMS non-empty strings, such as roles or groups."""
+    """Return a field for up to MAX_LIST_ITEMS non-empty strings, such as roles."""
     return serializers.ListField(
         child=serializers.CharField(max_length=200),
         max_length=MAX_LIST_ITEMS,
